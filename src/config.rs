@@ -1,0 +1,212 @@
+//! Solver options, named as in `jaxopt.PolyakSGD`.
+
+use crate::error::{Error, Result};
+use std::fmt;
+use std::str::FromStr;
+
+/// Which Polyak step-size rule to use (jaxopt's `variant`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Variant {
+    /// `min((value - fun_min) / (sqnorm + delta), max_stepsize)`.
+    #[default]
+    SpsMax,
+    /// `0` if `sqnorm <= eps`, else `max((value - fun_min) / sqnorm, 0)`; ignores
+    /// `max_stepsize` and `delta`.
+    SpsPlus,
+}
+
+impl FromStr for Variant {
+    type Err = Error;
+    /// Parses jaxopt's spelling: `"SPS_max"` or `"SPS+"`.
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "SPS_max" => Ok(Variant::SpsMax),
+            "SPS+" => Ok(Variant::SpsPlus),
+            other => Err(Error::UnknownVariant(other.to_string())),
+        }
+    }
+}
+
+impl fmt::Display for Variant {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Variant::SpsMax => "SPS_max",
+            Variant::SpsPlus => "SPS+",
+        })
+    }
+}
+
+/// What to do when the loss, the squared gradient norm or the step size of a step
+/// is NaN or infinite. This is checked on the CPU before the update is dispatched.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum NonFinitePolicy {
+    /// Refuse the step with [`Error::NonFinite`]; parameters and velocity stay as they
+    /// were. The default: a NaN never reaches the parameters through this optimizer.
+    #[default]
+    Refuse,
+    /// Do what jaxopt does: apply the step anyway, so NaN spreads into the parameters
+    /// (e.g. the 0/0 step at an exact optimum with `delta = 0`). Used by the
+    /// conformance runner.
+    Propagate,
+}
+
+/// Options of the Polyak SGD solver, with jaxopt 0.8.5's defaults.
+///
+/// ```
+/// use polyak_gpu::{PolyakConfig, Variant};
+/// let config = PolyakConfig::default()
+///     .momentum(0.9)
+///     .max_stepsize(0.5)
+///     .variant(Variant::SpsMax)
+///     .maxiter(100);
+/// assert!(config.validate().is_ok());
+/// assert!(PolyakConfig::default().momentum(1.0).validate().is_err());
+/// ```
+#[derive(Debug, Clone, PartialEq)]
+pub struct PolyakConfig {
+    /// Upper bound on the step size (SPS_max only). Default 1.0.
+    pub max_stepsize: f64,
+    /// Added to the squared norm in the SPS_max denominator. Default 0.0.
+    pub delta: f64,
+    /// Heavy-ball momentum in `[0, 1)`. 0 (the default) keeps no velocity at all.
+    pub momentum: f64,
+    /// Estimate of the optimal loss value. Default 0.0.
+    pub fun_min: f64,
+    /// Step-size rule. Default SPS_max.
+    pub variant: Variant,
+    /// Maximum number of updates in `run` / `run_iterator`. Default 500.
+    pub maxiter: usize,
+    /// `run` stops once the gradient norm is not above this. Default 1e-3.
+    pub tol: f64,
+    /// Log every iteration through the `log` crate (at `info` level).
+    pub verbose: bool,
+    /// What to do with a non-finite loss, norm or step size. Default: refuse.
+    pub nonfinite: NonFinitePolicy,
+}
+
+impl Default for PolyakConfig {
+    fn default() -> Self {
+        PolyakConfig {
+            max_stepsize: 1.0,
+            delta: 0.0,
+            momentum: 0.0,
+            fun_min: 0.0,
+            variant: Variant::SpsMax,
+            maxiter: 500,
+            tol: 1e-3,
+            verbose: false,
+            nonfinite: NonFinitePolicy::Refuse,
+        }
+    }
+}
+
+impl PolyakConfig {
+    /// Sets `max_stepsize`.
+    pub fn max_stepsize(mut self, v: f64) -> Self {
+        self.max_stepsize = v;
+        self
+    }
+    /// Sets `delta`.
+    pub fn delta(mut self, v: f64) -> Self {
+        self.delta = v;
+        self
+    }
+    /// Sets `momentum`.
+    pub fn momentum(mut self, v: f64) -> Self {
+        self.momentum = v;
+        self
+    }
+    /// Sets `fun_min`.
+    pub fn fun_min(mut self, v: f64) -> Self {
+        self.fun_min = v;
+        self
+    }
+    /// Sets `variant`.
+    pub fn variant(mut self, v: Variant) -> Self {
+        self.variant = v;
+        self
+    }
+    /// Sets `maxiter`.
+    pub fn maxiter(mut self, v: usize) -> Self {
+        self.maxiter = v;
+        self
+    }
+    /// Sets `tol`.
+    pub fn tol(mut self, v: f64) -> Self {
+        self.tol = v;
+        self
+    }
+    /// Sets `verbose`.
+    pub fn verbose(mut self, v: bool) -> Self {
+        self.verbose = v;
+        self
+    }
+    /// Sets the non-finite policy (not a jaxopt option; see [`NonFinitePolicy`]).
+    pub fn nonfinite(mut self, v: NonFinitePolicy) -> Self {
+        self.nonfinite = v;
+        self
+    }
+
+    /// Checks every option's domain; the solvers call this before doing anything.
+    pub fn validate(&self) -> Result<()> {
+        let bad = |option, value: f64, reason| {
+            Err(Error::InvalidOption {
+                option,
+                value: value.to_string(),
+                reason,
+            })
+        };
+        if !(0.0..1.0).contains(&self.momentum) {
+            return bad("momentum", self.momentum, "must be in [0, 1)");
+        }
+        if !(self.delta >= 0.0 && self.delta.is_finite()) {
+            return bad("delta", self.delta, "must be finite and >= 0");
+        }
+        if self.max_stepsize.is_nan() || self.max_stepsize <= 0.0 {
+            return bad("max_stepsize", self.max_stepsize, "must be > 0 (not NaN)");
+        }
+        if self.fun_min.is_nan() {
+            return bad("fun_min", self.fun_min, "must not be NaN");
+        }
+        if self.tol.is_nan() {
+            return bad("tol", self.tol, "must not be NaN");
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn variant_parses_jaxopt_names_only() {
+        assert_eq!("SPS_max".parse::<Variant>().unwrap(), Variant::SpsMax);
+        assert_eq!("SPS+".parse::<Variant>().unwrap(), Variant::SpsPlus);
+        assert!(matches!(
+            "sps_max".parse::<Variant>(),
+            Err(Error::UnknownVariant(s)) if s == "sps_max"
+        ));
+        assert_eq!(Variant::SpsPlus.to_string(), "SPS+");
+    }
+
+    #[test]
+    fn validate_rejects_each_bad_option() {
+        let c = PolyakConfig::default;
+        assert!(c().validate().is_ok());
+        assert!(c().momentum(0.999).validate().is_ok());
+        let option_of = |cfg: PolyakConfig| match cfg.validate() {
+            Err(Error::InvalidOption { option, .. }) => option,
+            other => panic!("expected InvalidOption, got {other:?}"),
+        };
+        assert_eq!(option_of(c().momentum(1.0)), "momentum");
+        assert_eq!(option_of(c().momentum(-0.1)), "momentum");
+        assert_eq!(option_of(c().momentum(f64::NAN)), "momentum");
+        assert_eq!(option_of(c().delta(-1e-9)), "delta");
+        assert_eq!(option_of(c().delta(f64::INFINITY)), "delta");
+        assert_eq!(option_of(c().max_stepsize(0.0)), "max_stepsize");
+        assert_eq!(option_of(c().max_stepsize(f64::NAN)), "max_stepsize");
+        assert_eq!(option_of(c().fun_min(f64::NAN)), "fun_min");
+        assert_eq!(option_of(c().tol(f64::NAN)), "tol");
+    }
+}

@@ -1,0 +1,237 @@
+//! The headless wgpu device the optimizer runs on.
+
+use crate::error::{Error, Result};
+
+/// Which adapter [`GpuContext::new`] opens.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum AdapterChoice {
+    /// The high-performance adapter, honouring `WGPU_BACKEND`, `WGPU_ADAPTER_NAME`
+    /// and `WGPU_POWER_PREF`.
+    #[default]
+    HighPerformance,
+    /// A software (CPU) adapter such as Mesa lavapipe, even where a GPU exists.
+    Software,
+}
+
+/// Options for opening a device.
+#[derive(Debug, Clone, Default)]
+pub struct ContextOptions {
+    /// Which adapter to open.
+    pub adapter: AdapterChoice,
+    /// Upper bound on the workgroups of one norm/update dispatch. `None` picks by
+    /// device type: few on a CPU adapter (each workgroup costs a lot there), many on
+    /// a GPU. Mostly for benchmarks and tests.
+    pub max_workgroups: Option<u32>,
+    /// Upper bound on the elements of one segment (one binding and one buffer per
+    /// vector). `None` uses the device's limits. Lowering it makes the multi-segment
+    /// paths run at small sizes, e.g. in tests on a software adapter.
+    pub max_segment_elements: Option<usize>,
+}
+
+/// A wgpu device and queue, plus what the kernels need to know about them.
+///
+/// Cloning is cheap (wgpu handles are reference counted).
+#[derive(Debug, Clone)]
+pub struct GpuContext {
+    device: wgpu::Device,
+    queue: wgpu::Queue,
+    info: Option<wgpu::AdapterInfo>,
+    limits: wgpu::Limits,
+    max_workgroups: u32,
+    max_segment_elements: Option<usize>,
+}
+
+impl GpuContext {
+    /// Opens the high-performance adapter with its own limits (not wgpu's defaults).
+    ///
+    /// ```no_run
+    /// let ctx = polyak_gpu::GpuContext::new()?;
+    /// println!("{}", ctx.describe());
+    /// # Ok::<(), polyak_gpu::Error>(())
+    /// ```
+    pub fn new() -> Result<Self> {
+        Self::with_options(ContextOptions::default())
+    }
+
+    /// Opens a software adapter (Mesa lavapipe or wgpu's GL fallback on llvmpipe).
+    pub fn software() -> Result<Self> {
+        Self::with_options(ContextOptions {
+            adapter: AdapterChoice::Software,
+            ..Default::default()
+        })
+    }
+
+    /// Opens an adapter as `options` say.
+    pub fn with_options(options: ContextOptions) -> Result<Self> {
+        pollster::block_on(Self::open(options))
+    }
+
+    async fn open(options: ContextOptions) -> Result<Self> {
+        let instance =
+            wgpu::Instance::new(wgpu::InstanceDescriptor::new_without_display_handle_from_env());
+        let adapter = Self::pick_adapter(&instance, options.adapter).await?;
+        let info = adapter.get_info();
+        let (device, queue) = adapter
+            .request_device(&wgpu::DeviceDescriptor {
+                label: Some("polyak-gpu"),
+                required_features: wgpu::Features::empty(),
+                required_limits: adapter.limits(),
+                ..Default::default()
+            })
+            .await
+            .map_err(|e| Error::RequestDevice(e.to_string()))?;
+        let mut ctx = Self::from_device(device, queue);
+        ctx.max_workgroups = options
+            .max_workgroups
+            .unwrap_or_else(|| default_max_workgroups(info.device_type));
+        ctx.max_segment_elements = options.max_segment_elements;
+        ctx.info = Some(info);
+        Ok(ctx)
+    }
+
+    async fn pick_adapter(
+        instance: &wgpu::Instance,
+        choice: AdapterChoice,
+    ) -> Result<wgpu::Adapter> {
+        let backends = wgpu::Backends::from_env().unwrap_or(wgpu::Backends::all());
+        let adapters = instance.enumerate_adapters(backends).await;
+        let seen: Vec<String> = adapters
+            .iter()
+            .map(|a| {
+                let i = a.get_info();
+                format!("{} ({:?}, {:?})", i.name, i.backend, i.device_type)
+            })
+            .collect();
+        let wanted_name = std::env::var("WGPU_ADAPTER_NAME")
+            .ok()
+            .filter(|s| !s.is_empty())
+            .map(|s| s.to_lowercase());
+        let power = wgpu::PowerPreference::from_env();
+        let score = |a: &wgpu::Adapter| {
+            let i = a.get_info();
+            let type_rank = match (choice, power, i.device_type) {
+                (AdapterChoice::Software, _, wgpu::DeviceType::Cpu) => 0,
+                (AdapterChoice::Software, _, _) => return None,
+                (_, Some(wgpu::PowerPreference::LowPower), wgpu::DeviceType::IntegratedGpu) => 0,
+                (_, _, wgpu::DeviceType::DiscreteGpu) => 0,
+                (_, _, wgpu::DeviceType::IntegratedGpu) => 1,
+                (_, _, wgpu::DeviceType::VirtualGpu) => 2,
+                (_, _, wgpu::DeviceType::Cpu) => 3,
+                (_, _, wgpu::DeviceType::Other) => 4,
+            };
+            if let Some(name) = &wanted_name
+                && !i.name.to_lowercase().contains(name)
+            {
+                return None;
+            }
+            // Vulkan before the others: wgpu's GL backend has weaker compute support.
+            let backend_rank = if i.backend == wgpu::Backend::Vulkan {
+                0
+            } else {
+                1
+            };
+            Some((type_rank, backend_rank))
+        };
+        let best = adapters
+            .into_iter()
+            .filter_map(|a| score(&a).map(|s| (s, a)))
+            .min_by_key(|(s, _)| *s)
+            .map(|(_, a)| a);
+        best.ok_or_else(|| Error::NoAdapter {
+            detail: format!(
+                "asked for {choice:?}{}; adapters seen: [{}]",
+                wanted_name
+                    .map(|n| format!(" named like {n:?}"))
+                    .unwrap_or_default(),
+                seen.join(", ")
+            ),
+        })
+    }
+
+    /// Wraps a device and queue the caller already has, so the optimizer shares it
+    /// with the caller's own kernels. Buffers the optimizer makes are sized from
+    /// `device.limits()`.
+    pub fn from_device(device: wgpu::Device, queue: wgpu::Queue) -> Self {
+        let limits = device.limits();
+        GpuContext {
+            device,
+            queue,
+            info: None,
+            limits,
+            max_workgroups: default_max_workgroups(wgpu::DeviceType::DiscreteGpu),
+            max_segment_elements: None,
+        }
+    }
+
+    /// Overrides the workgroup cap of the norm and update dispatches.
+    pub fn set_max_workgroups(&mut self, n: u32) {
+        self.max_workgroups = n.max(1);
+    }
+
+    /// Lowers the elements per segment below the device's limits (see
+    /// [`ContextOptions::max_segment_elements`]).
+    pub fn set_max_segment_elements(&mut self, n: Option<usize>) {
+        self.max_segment_elements = n;
+    }
+
+    /// The segment size cap set by the caller, if any.
+    pub fn max_segment_elements(&self) -> Option<usize> {
+        self.max_segment_elements
+    }
+
+    /// The wgpu device.
+    pub fn device(&self) -> &wgpu::Device {
+        &self.device
+    }
+
+    /// The wgpu queue.
+    pub fn queue(&self) -> &wgpu::Queue {
+        &self.queue
+    }
+
+    /// The device's limits, as granted.
+    pub fn limits(&self) -> &wgpu::Limits {
+        &self.limits
+    }
+
+    /// The adapter's description, when this context opened the adapter itself.
+    pub fn adapter_info(&self) -> Option<&wgpu::AdapterInfo> {
+        self.info.as_ref()
+    }
+
+    /// Upper bound on the workgroups of one norm or update dispatch.
+    pub fn max_workgroups(&self) -> u32 {
+        self.max_workgroups
+    }
+
+    /// One line naming the adapter, its backend and driver.
+    pub fn describe(&self) -> String {
+        match &self.info {
+            Some(i) => format!(
+                "{} ({:?}, {:?}, driver {} {})",
+                i.name, i.backend, i.device_type, i.driver, i.driver_info
+            ),
+            None => "a caller-provided device".to_string(),
+        }
+    }
+
+    /// Blocks until all submitted work is done.
+    pub fn wait(&self) -> Result<()> {
+        self.device
+            .poll(wgpu::PollType::wait_indefinitely())
+            .map(|_| ())
+            .map_err(|e| Error::Device(e.to_string()))
+    }
+}
+
+fn default_max_workgroups(kind: wgpu::DeviceType) -> u32 {
+    match kind {
+        // lavapipe runs a workgroup's lanes one after another and pays per workgroup:
+        // a few contiguous chunks per core is best there.
+        wgpu::DeviceType::Cpu => {
+            let cores = std::thread::available_parallelism().map_or(4, |n| n.get());
+            (cores * 4) as u32
+        }
+        _ => 8192,
+    }
+}

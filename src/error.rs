@@ -1,0 +1,82 @@
+//! The crate's one error type.
+
+/// Everything a caller of this crate can get wrong, or that the device can refuse.
+///
+/// No public function panics on bad input: it returns one of these instead, and
+/// leaves the parameters and the velocity on the GPU exactly as they were.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// No wgpu adapter matched the request.
+    #[error(
+        "no GPU adapter found ({detail}). Install a Vulkan driver; without a GPU, the software \
+         one: `apt-get install -y mesa-vulkan-drivers`"
+    )]
+    NoAdapter {
+        /// What was asked for and what was seen.
+        detail: String,
+    },
+    /// The adapter was found but refused to open a device.
+    #[error("could not open a device on the adapter: {0}")]
+    RequestDevice(String),
+    /// The parameter vector (or a tensor of it) has no elements.
+    #[error("parameters are empty: {0}")]
+    EmptyParameters(String),
+    /// A slice given for a vector of `expected` elements had `got`.
+    #[error("length mismatch for {what}: expected {expected} elements, got {got}")]
+    LengthMismatch {
+        /// Which vector was being written or read.
+        what: String,
+        /// Elements the optimizer holds.
+        expected: usize,
+        /// Elements the caller gave.
+        got: usize,
+    },
+    /// A configuration value is outside its domain.
+    #[error("invalid option {option} = {value}: {reason}")]
+    InvalidOption {
+        /// The option's name as in jaxopt (`momentum`, `delta`, ...).
+        option: &'static str,
+        /// The offending value, printed.
+        value: String,
+        /// What the domain is.
+        reason: &'static str,
+    },
+    /// A variant name other than `SPS_max` or `SPS+`.
+    #[error("unknown variant {0:?}: expected \"SPS_max\" or \"SPS+\"")]
+    UnknownVariant(String),
+    /// A tensor name that the optimizer does not hold, or that is given twice.
+    #[error("tensor {0:?}: {1}")]
+    Tensor(String, &'static str),
+    /// A step was refused because its loss, squared gradient norm or step size is
+    /// not finite (policy [`crate::NonFinitePolicy::Refuse`]). Parameters and velocity
+    /// are unchanged.
+    #[error(
+        "step {iter_num} refused: non-finite value {value}, squared gradient norm {sqnorm} or \
+         step size {stepsize}; parameters and velocity are unchanged"
+    )]
+    NonFinite {
+        /// Number of updates done before the refused one.
+        iter_num: usize,
+        /// The loss at the current parameters.
+        value: f64,
+        /// The squared gradient norm at the current parameters.
+        sqnorm: f64,
+        /// The step size computed from them.
+        stepsize: f64,
+    },
+    /// The objective did not provide a gradient during its evaluation.
+    #[error("the objective returned without writing the gradient: {0}")]
+    Objective(String),
+    /// `run_iterator` was given an iterator with no batch at all.
+    #[error("run_iterator needs at least one batch (the first goes to init_state)")]
+    EmptyIterator,
+    /// Mapping a buffer for reading failed, or a device operation failed.
+    #[error("device error: {0}")]
+    Device(String),
+    /// A conformance data file could not be read or parsed.
+    #[error("conformance data: {0}")]
+    Data(String),
+}
+
+/// Shorthand used throughout the crate.
+pub type Result<T, E = Error> = std::result::Result<T, E>;

@@ -1,0 +1,354 @@
+//! The WGSL kernels (`shaders/`): pipelines and bind groups, made once per optimizer.
+
+use crate::buffers::ParamBuffers;
+use crate::context::GpuContext;
+use wgpu::util::DeviceExt;
+
+/// Invocations per workgroup in every kernel (`WG` in the shaders).
+pub(crate) const WORKGROUP: u32 = 256;
+/// Most workgroups along one dispatch dimension (WebGPU's and every adapter's limit).
+const MAX_DIM: u32 = 65_535;
+
+/// Dispatch geometry of one segment; mirrors `Geometry` in the shaders.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, bytemuck::Pod, bytemuck::Zeroable)]
+pub(crate) struct Geometry {
+    pub n4: u32,
+    pub chunk: u32,
+    pub groups_x: u32,
+    pub groups: u32,
+    pub partial_base: u32,
+    pub pad: [u32; 3],
+}
+
+impl Geometry {
+    /// Splits `n4` vec4s into at most `max_groups` contiguous chunks, one per
+    /// workgroup, and lays the workgroups out in 2-D when there are over 65,535.
+    pub fn new(n4: u32, max_groups: u32, partial_base: u32) -> Self {
+        let wanted = n4.div_ceil(WORKGROUP).clamp(1, max_groups.max(1));
+        let chunk = n4.div_ceil(wanted).max(1);
+        let groups = n4.div_ceil(chunk).max(1);
+        Geometry {
+            n4,
+            chunk,
+            groups_x: groups.min(MAX_DIM),
+            groups,
+            partial_base,
+            pad: [0; 3],
+        }
+    }
+
+    /// The `(x, y)` workgroup counts to dispatch.
+    pub fn dispatch(&self) -> (u32, u32) {
+        (self.groups_x, self.groups.div_ceil(self.groups_x))
+    }
+}
+
+/// Mirrors `Step` in `update.wgsl`.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]
+struct StepUniform {
+    step: f32,
+    momentum: f32,
+    pad: [f32; 2],
+}
+
+/// Everything the norm and the update need, built once.
+#[derive(Debug)]
+pub(crate) struct Kernels {
+    norm_pipeline: wgpu::ComputePipeline,
+    final_pipeline: wgpu::ComputePipeline,
+    update_pipeline: wgpu::ComputePipeline,
+    norm_groups: Vec<wgpu::BindGroup>,
+    update_groups: Vec<wgpu::BindGroup>,
+    final_group: wgpu::BindGroup,
+    geometries: Vec<Geometry>,
+    step_buffer: wgpu::Buffer,
+    momentum: f32,
+}
+
+fn pipeline(ctx: &GpuContext, module: &wgpu::ShaderModule, entry: &str) -> wgpu::ComputePipeline {
+    ctx.device()
+        .create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
+            label: Some(entry),
+            layout: None,
+            module,
+            entry_point: Some(entry),
+            compilation_options: Default::default(),
+            cache: None,
+        })
+}
+
+fn module(ctx: &GpuContext, label: &str, source: &'static str) -> wgpu::ShaderModule {
+    ctx.device()
+        .create_shader_module(wgpu::ShaderModuleDescriptor {
+            label: Some(label),
+            source: wgpu::ShaderSource::Wgsl(source.into()),
+        })
+}
+
+fn uniform<T: bytemuck::Pod>(ctx: &GpuContext, value: &T) -> wgpu::Buffer {
+    ctx.device()
+        .create_buffer_init(&wgpu::util::BufferInitDescriptor {
+            label: Some("polyak uniform"),
+            contents: bytemuck::bytes_of(value),
+            usage: wgpu::BufferUsages::UNIFORM | wgpu::BufferUsages::COPY_DST,
+        })
+}
+
+fn bind_group(
+    ctx: &GpuContext,
+    pipeline: &wgpu::ComputePipeline,
+    resources: &[(u32, wgpu::BindingResource<'_>)],
+) -> wgpu::BindGroup {
+    let entries: Vec<wgpu::BindGroupEntry<'_>> = resources
+        .iter()
+        .map(|(binding, resource)| wgpu::BindGroupEntry {
+            binding: *binding,
+            resource: resource.clone(),
+        })
+        .collect();
+    ctx.device().create_bind_group(&wgpu::BindGroupDescriptor {
+        label: None,
+        layout: &pipeline.get_bind_group_layout(0),
+        entries: &entries,
+    })
+}
+
+impl Kernels {
+    /// Compiles the kernels and binds them to `bufs`, with or without momentum.
+    pub fn new(ctx: &GpuContext, bufs: &ParamBuffers, momentum: f64) -> Self {
+        let mut geometries = Vec::new();
+        let mut base = 0u32;
+        for s in &bufs.segments {
+            let g = Geometry::new((s.len / 4) as u32, ctx.max_workgroups(), base);
+            base += g.groups;
+            geometries.push(g);
+        }
+        Self::with_geometries(ctx, bufs, momentum, geometries)
+    }
+
+    /// As [`Kernels::new`] with the dispatch geometry of each segment given.
+    fn with_geometries(
+        ctx: &GpuContext,
+        bufs: &ParamBuffers,
+        momentum: f64,
+        geometries: Vec<Geometry>,
+    ) -> Self {
+        let norm_mod = module(
+            ctx,
+            "norm_partials",
+            include_str!("../shaders/norm_partials.wgsl"),
+        );
+        let final_mod = module(
+            ctx,
+            "norm_final",
+            include_str!("../shaders/norm_final.wgsl"),
+        );
+        let update_mod = module(ctx, "update", include_str!("../shaders/update.wgsl"));
+        let norm_pipeline = pipeline(ctx, &norm_mod, "main");
+        let final_pipeline = pipeline(ctx, &final_mod, "main");
+        let with_velocity = bufs.has_velocity();
+        let update_pipeline = pipeline(
+            ctx,
+            &update_mod,
+            if with_velocity { "momentum" } else { "plain" },
+        );
+
+        let base: u32 = geometries.iter().map(|g| g.groups).sum();
+        let partials = ctx.device().create_buffer(&wgpu::BufferDescriptor {
+            label: Some("polyak norm partials"),
+            size: u64::from(base) * 4,
+            usage: wgpu::BufferUsages::STORAGE,
+            mapped_at_creation: false,
+        });
+        let step_buffer = uniform(
+            ctx,
+            &StepUniform {
+                step: 0.0,
+                momentum: momentum as f32,
+                pad: [0.0; 2],
+            },
+        );
+        let mut norm_groups = Vec::new();
+        let mut update_groups = Vec::new();
+        for (s, g) in bufs.segments.iter().zip(&geometries) {
+            let geo = uniform(ctx, g);
+            norm_groups.push(bind_group(
+                ctx,
+                &norm_pipeline,
+                &[
+                    (0, s.grads.as_entire_binding()),
+                    (1, partials.as_entire_binding()),
+                    (2, geo.as_entire_binding()),
+                ],
+            ));
+            let mut entries = vec![
+                (0, s.params.as_entire_binding()),
+                (1, s.grads.as_entire_binding()),
+                (3, geo.as_entire_binding()),
+                (4, step_buffer.as_entire_binding()),
+            ];
+            if let Some(v) = &s.velocity {
+                entries.push((2, v.as_entire_binding()));
+            }
+            update_groups.push(bind_group(ctx, &update_pipeline, &entries));
+        }
+        let count = uniform(ctx, &[base, 0, 0, 0]);
+        let final_group = bind_group(
+            ctx,
+            &final_pipeline,
+            &[
+                (0, partials.as_entire_binding()),
+                (1, bufs.scalars.as_entire_binding()),
+                (2, count.as_entire_binding()),
+            ],
+        );
+        Kernels {
+            norm_pipeline,
+            final_pipeline,
+            update_pipeline,
+            norm_groups,
+            update_groups,
+            final_group,
+            geometries,
+            step_buffer,
+            momentum: momentum as f32,
+        }
+    }
+
+    /// Records both norm passes: the squared gradient norm lands in `scalars[1]`.
+    pub fn encode_norm(&self, encoder: &mut wgpu::CommandEncoder) {
+        let mut pass = encoder.begin_compute_pass(&wgpu::ComputePassDescriptor {
+            label: Some("polyak norm"),
+            timestamp_writes: None,
+        });
+        pass.set_pipeline(&self.norm_pipeline);
+        for (bg, g) in self.norm_groups.iter().zip(&self.geometries) {
+            let (x, y) = g.dispatch();
+            pass.set_bind_group(0, bg, &[]);
+            pass.dispatch_workgroups(x, y, 1);
+        }
+        pass.set_pipeline(&self.final_pipeline);
+        pass.set_bind_group(0, &self.final_group, &[]);
+        pass.dispatch_workgroups(1, 1, 1);
+    }
+
+    /// Queues the step size for the next update (applied at the next submit).
+    pub fn write_step(&self, queue: &wgpu::Queue, step: f32) {
+        let u = StepUniform {
+            step,
+            momentum: self.momentum,
+            pad: [0.0; 2],
+        };
+        queue.write_buffer(&self.step_buffer, 0, bytemuck::bytes_of(&u));
+    }
+
+    /// Records the fused update of every segment.
+    pub fn encode_update(&self, encoder: &mut wgpu::CommandEncoder) {
+        let mut pass = encoder.begin_compute_pass(&wgpu::ComputePassDescriptor {
+            label: Some("polyak update"),
+            timestamp_writes: None,
+        });
+        pass.set_pipeline(&self.update_pipeline);
+        for (bg, g) in self.update_groups.iter().zip(&self.geometries) {
+            let (x, y) = g.dispatch();
+            pass.set_bind_group(0, bg, &[]);
+            pass.dispatch_workgroups(x, y, 1);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn geometry_covers_every_vec4_once() {
+        for &(n4, max) in &[
+            (1u32, 8u32),
+            (255, 8),
+            (257, 8),
+            (1 << 20, 8192),
+            (1000, 3),
+            (5, 100_000),
+        ] {
+            let g = Geometry::new(n4, max, 0);
+            assert!(g.groups <= max.max(1));
+            assert!(g.groups * g.chunk >= n4, "{n4} {max}: {g:?}");
+            assert!(
+                (g.groups - 1) * g.chunk < n4,
+                "{n4} {max}: empty group {g:?}"
+            );
+            let (x, y) = g.dispatch();
+            assert!(x <= MAX_DIM && x * y >= g.groups);
+        }
+    }
+
+    /// One vec4 per workgroup forces more than 65,535 workgroups at a small size, so
+    /// the 2-D dispatch path of both kernels runs on any adapter.
+    #[test]
+    fn two_dimensional_dispatch_norm_and_update() {
+        use crate::conformance::SplitMix64;
+        use crate::layout::{Layout, TensorSpec};
+        let ctx = GpuContext::software()
+            .or_else(|_| GpuContext::new())
+            .expect("an adapter");
+        let n = 4 * 70_001 - 3;
+        let layout = Layout::new(&[TensorSpec::new("p", &[n])], 8, 1 << 30).unwrap();
+        let bufs = ParamBuffers::new(&ctx, layout, true);
+        let n4 = (bufs.segments[0].len / 4) as u32;
+        let geo = Geometry {
+            n4,
+            chunk: 1,
+            groups_x: MAX_DIM,
+            groups: n4,
+            partial_base: 0,
+            pad: [0; 3],
+        };
+        assert_eq!(geo.dispatch(), (MAX_DIM, 2));
+        let kernels = Kernels::with_geometries(&ctx, &bufs, 0.5, vec![geo]);
+        let mut rng = SplitMix64::new(11);
+        let g: Vec<f32> = (0..n).map(|_| rng.upm1() as f32).collect();
+        let p: Vec<f32> = (0..n).map(|_| rng.upm1() as f32).collect();
+        bufs.upload_grads(&g).unwrap();
+        bufs.upload_params(&p).unwrap();
+        let mut enc = ctx.device().create_command_encoder(&Default::default());
+        bufs.clear_velocity(&mut enc);
+        kernels.encode_norm(&mut enc);
+        bufs.encode_scalars_readback(&mut enc);
+        ctx.queue().submit([enc.finish()]);
+        let [_, sqnorm] = bufs.read_scalars().unwrap();
+        let exact: f64 = g.iter().map(|&x| f64::from(x) * f64::from(x)).sum();
+        assert!(
+            (f64::from(sqnorm) - exact).abs() <= 1e-5 * exact,
+            "{sqnorm} vs {exact}"
+        );
+
+        kernels.write_step(ctx.queue(), 0.25);
+        let mut enc = ctx.device().create_command_encoder(&Default::default());
+        kernels.encode_update(&mut enc);
+        ctx.queue().submit([enc.finish()]);
+        let got = bufs.download_params().unwrap();
+        let vel = bufs.download_velocity().unwrap().unwrap();
+        for i in [0, 1, 4 * 65_535 - 1, 4 * 65_535, 4 * 65_535 + 5, n - 1] {
+            let v = -0.25 * g[i];
+            assert_eq!(vel[i], v, "velocity at {i}");
+            assert_eq!(got[i], p[i] + v, "params at {i}");
+        }
+        let changed = got.iter().zip(&p).filter(|(a, b)| a != b).count();
+        assert!(
+            changed > n - n / 100,
+            "only {changed} of {n} parameters moved"
+        );
+    }
+
+    #[test]
+    fn geometry_goes_2d_past_65535_groups() {
+        let g = Geometry::new(1 << 25, 100_000, 0);
+        let (x, y) = g.dispatch();
+        assert!(g.groups > MAX_DIM);
+        assert_eq!(x, MAX_DIM);
+        assert_eq!(y, 2);
+    }
+}

@@ -1,0 +1,45 @@
+//! # polyak-gpu
+//!
+//! SGD with the Polyak step size on the GPU through wgpu compute shaders, with the
+//! semantics of `jaxopt.PolyakSGD` (jaxopt 0.8.5).
+//!
+//! Parameters, gradients and velocity live in GPU storage buffers. Two WGSL kernels
+//! compute the squared gradient norm (per-workgroup partials, then one workgroup
+//! sums them) and one does the fused momentum/Polyak update. Only the loss and the
+//! squared norm come back to the CPU, where [`polyak_stepsize`] computes the step.
+//!
+//! - [`GpuContext`]: the headless device (or one you already have).
+//! - [`PolyakConfig`]: jaxopt's options, with `Default` and builder setters.
+//! - [`PolyakSgd`]: `init_state`, `update`, `run`, `run_iterator`,
+//!   `l2_optimality_error`.
+//! - [`reference::CpuPolyakSgd`]: the same algorithm in f64 on the CPU, for tests and
+//!   as a baseline; never used as a fallback.
+//! - [`conformance`]: replays jaxopt's recorded trajectories.
+
+pub mod buffers;
+pub mod config;
+pub mod conformance;
+pub mod context;
+pub mod error;
+pub mod evaluation;
+mod kernels;
+pub mod layout;
+pub mod reference;
+pub mod solver;
+pub mod state;
+pub mod stepsize;
+
+pub use buffers::ParamBuffers;
+pub use config::{NonFinitePolicy, PolyakConfig, Variant};
+pub use context::{AdapterChoice, ContextOptions, GpuContext};
+pub use error::{Error, Result};
+pub use evaluation::Evaluation;
+pub use layout::{Layout, TensorSpec};
+pub use solver::{PolyakSgd, PreUpdate};
+pub use state::{Loss, State};
+pub use stepsize::{Precision, polyak_stepsize};
+
+/// The README's Rust examples, compiled as doctests.
+#[doc = include_str!("../README.md")]
+#[cfg(doctest)]
+pub struct ReadmeDoctests;

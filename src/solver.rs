@@ -1,0 +1,292 @@
+//! `PolyakSgd`: jaxopt's `PolyakSGD` with parameters, gradients and velocity on the GPU.
+
+use crate::buffers::{ParamBuffers, device_segment_capacity};
+use crate::config::{NonFinitePolicy, PolyakConfig};
+use crate::context::GpuContext;
+use crate::error::{Error, Result};
+use crate::evaluation::Evaluation;
+use crate::kernels::Kernels;
+use crate::layout::{Layout, TensorSpec};
+use crate::state::{Loss, State};
+use crate::stepsize::{Precision, polyak_stepsize};
+
+/// What a `pre_update` hook sees: the parameters on the GPU and the state so far.
+#[derive(Debug)]
+pub struct PreUpdate<'a> {
+    /// The device context, for dispatching the hook's own kernels.
+    pub context: &'a GpuContext,
+    /// The parameter buffers, which the hook may change.
+    pub buffers: &'a ParamBuffers,
+    /// Updates done so far.
+    pub iter_num: usize,
+    /// The state's `value`.
+    pub value: f64,
+    /// The state's `error`.
+    pub error: f64,
+    /// The state's `stepsize`.
+    pub stepsize: f64,
+}
+
+type PreUpdateHook = dyn FnMut(&PreUpdate<'_>) -> Result<()>;
+
+/// SGD with the Polyak step size on the GPU, with the semantics of jaxopt 0.8.5's
+/// `PolyakSGD`.
+///
+/// Each update is one submission (the objective's own kernels, then the two norm
+/// passes, then an 8-byte copy of loss and squared norm), one wait for those 8 bytes,
+/// the step size on the CPU, and one submission of the fused update. A step creates no
+/// pipeline, bind group or buffer.
+///
+/// ```no_run
+/// use polyak_gpu::{GpuContext, Loss, PolyakConfig, PolyakSgd};
+/// let ctx = GpuContext::new()?;
+/// // minimise 0.5 * ||x - c||^2 through the host path (small problems only)
+/// let c = [1.0f32, -2.0, 3.0];
+/// let mut opt = PolyakSgd::new(&ctx, PolyakConfig::default(), &[0.0; 3])?;
+/// let state = opt.run(|ev| {
+///     let x = ev.read_params()?;
+///     let g: Vec<f32> = x.iter().zip(&c).map(|(x, c)| x - c).collect();
+///     ev.write_grads(&g)?;
+///     let loss = 0.5 * g.iter().map(|d| (d * d) as f64).sum::<f64>();
+///     Ok((Loss::Host(loss), ()))
+/// })?;
+/// assert!(state.error <= 1e-3);
+/// # Ok::<(), polyak_gpu::Error>(())
+/// ```
+pub struct PolyakSgd {
+    ctx: GpuContext,
+    config: PolyakConfig,
+    buffers: ParamBuffers,
+    kernels: Kernels,
+    pre_update: Option<Box<PreUpdateHook>>,
+}
+
+impl std::fmt::Debug for PolyakSgd {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PolyakSgd")
+            .field("config", &self.config)
+            .field("num_params", &self.buffers.num_params())
+            .finish_non_exhaustive()
+    }
+}
+
+impl PolyakSgd {
+    /// One parameter vector, named `"params"`, initialised to `init_params`.
+    pub fn new(ctx: &GpuContext, config: PolyakConfig, init_params: &[f32]) -> Result<Self> {
+        let opt = Self::with_tensors(
+            ctx,
+            config,
+            &[TensorSpec::new("params", &[init_params.len()])],
+        )?;
+        opt.buffers.upload_params(init_params)?;
+        Ok(opt)
+    }
+
+    /// Several named tensors of any shapes sharing one global norm and one update
+    /// (a pytree), all initialised to zero; upload with [`ParamBuffers::upload_tensor`].
+    pub fn with_tensors(
+        ctx: &GpuContext,
+        config: PolyakConfig,
+        tensors: &[TensorSpec],
+    ) -> Result<Self> {
+        config.validate()?;
+        let limits = ctx.limits();
+        let align = (limits.min_storage_buffer_offset_alignment as usize / 4).max(4);
+        let capacity = ctx
+            .max_segment_elements()
+            .unwrap_or(usize::MAX)
+            .min(device_segment_capacity(limits));
+        let layout = Layout::new(tensors, align, capacity)?;
+        let buffers = ParamBuffers::new(ctx, layout, config.momentum != 0.0);
+        let kernels = Kernels::new(ctx, &buffers, config.momentum);
+        Ok(PolyakSgd {
+            ctx: ctx.clone(),
+            config,
+            buffers,
+            kernels,
+            pre_update: None,
+        })
+    }
+
+    /// The options.
+    pub fn config(&self) -> &PolyakConfig {
+        &self.config
+    }
+
+    /// The device context.
+    pub fn context(&self) -> &GpuContext {
+        &self.ctx
+    }
+
+    /// Parameters, gradients and velocity on the GPU.
+    pub fn buffers(&self) -> &ParamBuffers {
+        &self.buffers
+    }
+
+    /// Sets jaxopt's `pre_update`: called at the start of every `update`, before the
+    /// objective, with the parameters and the state so far.
+    pub fn set_pre_update(&mut self, hook: impl FnMut(&PreUpdate<'_>) -> Result<()> + 'static) {
+        self.pre_update = Some(Box::new(hook));
+    }
+
+    /// Uploads all parameters (tensors concatenated in layout order).
+    pub fn upload_params(&self, params: &[f32]) -> Result<()> {
+        self.buffers.upload_params(params)
+    }
+
+    /// Downloads all parameters (allocates; not part of a step).
+    pub fn download_params(&self) -> Result<Vec<f32>> {
+        self.buffers.download_params()
+    }
+
+    /// Downloads the velocity (`None` when momentum is 0).
+    pub fn download_velocity(&self) -> Result<Option<Vec<f32>>> {
+        self.buffers.download_velocity()
+    }
+
+    fn encoder(&self) -> wgpu::CommandEncoder {
+        self.ctx
+            .device()
+            .create_command_encoder(&wgpu::CommandEncoderDescriptor {
+                label: Some("polyak"),
+            })
+    }
+
+    /// jaxopt's `init_state`: evaluates the objective once (for `aux`), zeroes the
+    /// velocity, and returns `iter_num = 0, value = error = inf, stepsize = 1`.
+    pub fn init_state<A>(
+        &mut self,
+        f: impl FnOnce(&mut Evaluation<'_>) -> Result<(Loss, A)>,
+    ) -> Result<State<A>> {
+        let mut encoder = self.encoder();
+        let (_, aux) = f(&mut Evaluation {
+            ctx: &self.ctx,
+            buffers: &self.buffers,
+            encoder: &mut encoder,
+        })?;
+        self.buffers.clear_velocity(&mut encoder);
+        self.ctx.queue().submit([encoder.finish()]);
+        Ok(State::initial(aux))
+    }
+
+    /// Runs the objective and both norm passes; returns `(value, sqnorm, aux)`.
+    fn evaluate<A>(
+        &mut self,
+        f: impl FnOnce(&mut Evaluation<'_>) -> Result<(Loss, A)>,
+    ) -> Result<(f64, f64, A)> {
+        let mut encoder = self.encoder();
+        let (loss, aux) = f(&mut Evaluation {
+            ctx: &self.ctx,
+            buffers: &self.buffers,
+            encoder: &mut encoder,
+        })?;
+        self.kernels.encode_norm(&mut encoder);
+        self.buffers.encode_scalars_readback(&mut encoder);
+        self.ctx.queue().submit([encoder.finish()]);
+        let [device_loss, sqnorm] = self.buffers.read_scalars()?;
+        let value = match loss {
+            Loss::Host(v) => v,
+            Loss::Device => f64::from(device_loss),
+        };
+        Ok((value, f64::from(sqnorm), aux))
+    }
+
+    /// jaxopt's `update`: one Polyak step from the current parameters.
+    ///
+    /// Under [`NonFinitePolicy::Refuse`] (the default) a NaN or infinite loss, norm or
+    /// step size returns [`Error::NonFinite`] before anything is written.
+    pub fn update<A>(
+        &mut self,
+        state: &State<A>,
+        f: impl FnOnce(&mut Evaluation<'_>) -> Result<(Loss, A)>,
+    ) -> Result<State<A>> {
+        if let Some(hook) = self.pre_update.as_mut() {
+            hook(&PreUpdate {
+                context: &self.ctx,
+                buffers: &self.buffers,
+                iter_num: state.iter_num,
+                value: state.value,
+                error: state.error,
+                stepsize: state.stepsize,
+            })?;
+        }
+        let (value, sqnorm, aux) = self.evaluate(f)?;
+        let stepsize = polyak_stepsize(value, sqnorm, &self.config, Precision::F32);
+        // jaxopt's error is the f32 norm of an f32 gradient.
+        let error = f64::from((sqnorm as f32).sqrt());
+        let finite = value.is_finite() && sqnorm.is_finite() && stepsize.is_finite();
+        if !finite && self.config.nonfinite == NonFinitePolicy::Refuse {
+            return Err(Error::NonFinite {
+                iter_num: state.iter_num,
+                value,
+                sqnorm,
+                stepsize,
+            });
+        }
+        self.kernels.write_step(self.ctx.queue(), stepsize as f32);
+        let mut encoder = self.encoder();
+        self.kernels.encode_update(&mut encoder);
+        self.ctx.queue().submit([encoder.finish()]);
+        let next = State {
+            iter_num: state.iter_num + 1,
+            value,
+            error,
+            stepsize,
+            aux,
+            num_fun_eval: state.num_fun_eval + 1,
+            num_grad_eval: state.num_grad_eval + 1,
+        };
+        if self.config.verbose {
+            log::info!(
+                "iter {} value {:e} error {:e} stepsize {:e}",
+                next.iter_num,
+                next.value,
+                next.error,
+                next.stepsize
+            );
+        }
+        Ok(next)
+    }
+
+    /// jaxopt's `run`: `init_state`, then updates until `error <= tol` (checked after
+    /// each update, so at least one is done) or `maxiter` updates. `maxiter = 0`
+    /// returns the initial state.
+    pub fn run<A>(
+        &mut self,
+        mut f: impl FnMut(&mut Evaluation<'_>) -> Result<(Loss, A)>,
+    ) -> Result<State<A>> {
+        let mut state = self.init_state(&mut f)?;
+        for _ in 0..self.config.maxiter {
+            state = self.update(&state, &mut f)?;
+            if !state.should_continue(self.config.tol) {
+                break;
+            }
+        }
+        Ok(state)
+    }
+
+    /// jaxopt's `run_iterator`: the first batch goes to `init_state` only, then one
+    /// update per batch for up to `maxiter` batches; no tolerance check.
+    pub fn run_iterator<A, B>(
+        &mut self,
+        mut f: impl FnMut(&mut Evaluation<'_>, &B) -> Result<(Loss, A)>,
+        batches: impl IntoIterator<Item = B>,
+    ) -> Result<State<A>> {
+        let mut it = batches.into_iter();
+        let first = it.next().ok_or(Error::EmptyIterator)?;
+        let mut state = self.init_state(|ev| f(ev, &first))?;
+        for batch in it.take(self.config.maxiter) {
+            state = self.update(&state, |ev| f(ev, &batch))?;
+        }
+        Ok(state)
+    }
+
+    /// jaxopt's `l2_optimality_error`: the gradient norm at the current parameters.
+    pub fn l2_optimality_error<A>(
+        &mut self,
+        f: impl FnOnce(&mut Evaluation<'_>) -> Result<(Loss, A)>,
+    ) -> Result<f64> {
+        let (_, sqnorm, _) = self.evaluate(f)?;
+        Ok(sqnorm.sqrt())
+    }
+}

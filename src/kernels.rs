@@ -8,6 +8,9 @@ use wgpu::util::DeviceExt;
 pub(crate) const WORKGROUP: u32 = 256;
 /// Most workgroups along one dispatch dimension (WebGPU's and every adapter's limit).
 const MAX_DIM: u32 = 65_535;
+/// Most loop iterations of one invocation. lavapipe was seen to stop a loop after
+/// 65,535 iterations; the geometry adds workgroups rather than go near that.
+const MAX_ITERATIONS: u32 = 4096;
 
 /// Dispatch geometry of one segment; mirrors `Geometry` in the shaders.
 #[repr(C)]
@@ -23,9 +26,13 @@ pub(crate) struct Geometry {
 
 impl Geometry {
     /// Splits `n4` vec4s into at most `max_groups` contiguous chunks, one per
-    /// workgroup, and lays the workgroups out in 2-D when there are over 65,535.
+    /// workgroup (more if a chunk would need over `MAX_ITERATIONS` loop iterations per
+    /// invocation), and lays the workgroups out in 2-D when there are over 65,535.
     pub fn new(n4: u32, max_groups: u32, partial_base: u32) -> Self {
-        let wanted = n4.div_ceil(WORKGROUP).clamp(1, max_groups.max(1));
+        let fewest = n4.div_ceil(WORKGROUP * MAX_ITERATIONS);
+        let wanted = n4
+            .div_ceil(WORKGROUP)
+            .clamp(1, max_groups.max(fewest).max(1));
         let chunk = n4.div_ceil(wanted).max(1);
         let groups = n4.div_ceil(chunk).max(1);
         Geometry {

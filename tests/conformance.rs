@@ -79,3 +79,67 @@ fn the_comparison_catches_a_wrong_trajectory() {
     let g = compare_f32(&file().cases[0], &replay_gpu(&ctx, &case).unwrap());
     assert!(!g.passed());
 }
+
+/// Expected data made by the f64 reference, for shapes the public file lacks.
+fn with_cpu_expectations(
+    mut case: polyak_gpu::conformance::Case,
+    ks: std::ops::RangeInclusive<usize>,
+) -> polyak_gpu::conformance::Case {
+    use polyak_gpu::conformance::Entry;
+    case.entries = ks
+        .map(|k| Entry {
+            iter_num: k,
+            params: polyak_gpu::conformance::Recorded::Full(vec![]),
+            value: 0.0,
+            stepsize: 0.0,
+            error: 0.0,
+            velocity: None,
+            num_fun_eval: 0,
+            num_grad_eval: 0,
+            batch: None,
+        })
+        .collect();
+    let cpu = replay_cpu(&case).unwrap();
+    case.entries = cpu.entries.iter().map(Entry::from).collect();
+    case.run_result = Entry::from(&cpu.run);
+    case
+}
+
+#[test]
+fn run_iterator_minibatches_agree_between_the_gpu_and_the_f64_reference() {
+    use polyak_gpu::conformance::Method;
+    let ctx = common::ctx();
+    for base in [0, 1, 3] {
+        let mut case = file().cases[base].clone();
+        case.method = Method::RunIterator;
+        case.config.maxiter = 40;
+        let case = with_cpu_expectations(case, 0..=40);
+        let cpu = replay_cpu(&case).unwrap();
+        assert_eq!(cpu.run.state.iter_num, 40);
+        assert_eq!(cpu.run.state.num_fun_eval, 41);
+        // the minibatch losses differ from the full-batch run
+        let full = replay_cpu(&file().cases[base]).unwrap();
+        assert_ne!(cpu.entries[5].state.value, full.entries[5].state.value);
+        let g = compare_f32(&case, &replay_gpu(&ctx, &case).unwrap());
+        assert!(g.passed(), "{}: {:?}", case.name, g.failures);
+    }
+    // the pytree problem has 16 rows: too few for 4 batches of 8 out of 32
+    let mut case = file().cases[4].clone();
+    case.method = Method::RunIterator;
+    assert!(matches!(replay_cpu(&case), Err(polyak_gpu::Error::Data(_))));
+}
+
+#[test]
+fn rosenbrock_early_steps_agree_between_the_gpu_and_the_f64_reference() {
+    let ctx = common::ctx();
+    let mut case = file().cases[1].clone(); // momentum 0.9
+    case.problem = Problem::Rosenbrock;
+    case.tensors = vec![polyak_gpu::TensorSpec::new(".", &[2])];
+    case.init_params = vec![-1.2, 1.0];
+    case.config.maxiter = 300;
+    let case = with_cpu_expectations(case, 0..=10);
+    assert!(case.chaotic());
+    let g = compare_f32(&case, &replay_gpu(&ctx, &case).unwrap());
+    assert!(g.passed(), "{:?}", g.failures);
+    assert!(g.params < 5e-2 && g.params > 0.0, "{}", g.params);
+}

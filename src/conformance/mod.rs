@@ -169,6 +169,24 @@ impl Entry {
     }
 }
 
+impl From<&Observed> for Entry {
+    /// Records one of our states in the reference's form (for building expected data
+    /// from one path to check another).
+    fn from(o: &Observed) -> Self {
+        Entry {
+            iter_num: o.state.iter_num,
+            params: Recorded::Full(o.params.clone()),
+            value: o.state.value,
+            stepsize: o.state.stepsize,
+            error: o.state.error,
+            velocity: o.velocity.clone().map(Recorded::Full),
+            num_fun_eval: o.state.num_fun_eval,
+            num_grad_eval: o.state.num_grad_eval,
+            batch: None,
+        }
+    }
+}
+
 /// How the case was solved in jaxopt.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Method {
@@ -360,8 +378,24 @@ fn widen(v: &[f32]) -> Vec<f64> {
     v.iter().map(|&x| f64::from(x)).collect()
 }
 
+/// Checks that every minibatch lies inside the problem's data.
+fn check_batches(case: &Case) -> Result<()> {
+    if case.method == Method::RunIterator
+        && case.problem != Problem::Rosenbrock
+        && case.problem.rows() < 32
+    {
+        return Err(Error::Data(format!(
+            "case {}: minibatches of 8 rows out of 32 need 32 data rows, the problem has {}",
+            case.name,
+            case.problem.rows()
+        )));
+    }
+    Ok(())
+}
+
 /// Replays `case` on the f64 CPU reference.
 pub fn replay_cpu(case: &Case) -> Result<Replay> {
+    check_batches(case)?;
     let problem = &case.problem;
     let observe = |opt: &CpuPolyakSgd, s: &State<()>| Observed {
         state: s.clone(),
@@ -399,6 +433,7 @@ pub fn replay_cpu(case: &Case) -> Result<Replay> {
 /// with the objective on the host (the parameters cross to the CPU every step: fine
 /// for these tiny problems, and it tests exactly the optimizer's own kernels).
 pub fn replay_gpu(ctx: &GpuContext, case: &Case) -> Result<Replay> {
+    check_batches(case)?;
     let problem = case.problem.rounded_f32();
     let n = case.init_params.len();
     let init: Vec<f32> = case.init_params.iter().map(|&x| x as f32).collect();
@@ -582,6 +617,16 @@ fn compare(case: &Case, replay: &Replay, tol: &Tolerance) -> Comparison {
     // run / run_iterator result
     let r = &case.run_result;
     let ours = &replay.run;
+    if chaotic {
+        // Round-off grows without bound: only the outcome is comparable (both runs
+        // end near the same minimum), not the iteration count.
+        let d = r.params.rel_diff(&ours.params);
+        c.params = c.params.max(d);
+        if !within(d, 5e-2) {
+            c.failures.push(format!("run: outcome params rel {d:.2e}"));
+        }
+        return c;
+    }
     let near_tol = (r.error - case.config.tol).abs() <= 1e-3 * case.config.tol;
     let diff = ours.state.iter_num.abs_diff(r.iter_num);
     if diff > usize::from(near_tol && tol.f32) {
@@ -590,16 +635,7 @@ fn compare(case: &Case, replay: &Replay, tol: &Tolerance) -> Comparison {
             ours.state.iter_num, r.iter_num
         ));
     } else if diff == 0 {
-        let params_tol = if chaotic { 1e-2 } else { tol.params };
-        if chaotic {
-            let d = r.params.rel_diff(&ours.params);
-            c.params = c.params.max(d);
-            if !within(d, params_tol) {
-                c.failures.push(format!("run: params rel {d:.2e}"));
-            }
-        } else {
-            check("run".into(), r, ours, params_tol);
-        }
+        check("run".into(), r, ours, tol.params);
     }
     c
 }

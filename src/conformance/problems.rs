@@ -290,7 +290,8 @@ impl Problem {
         }
     }
 
-    /// Number of data rows (for minibatches), 0 for problems without data rows.
+    /// Number of data rows (for minibatches), 0 for problems without data rows
+    /// (whose loss ignores the rows asked for).
     pub fn rows(&self) -> usize {
         match self {
             Problem::LeastSquares { a, .. } => a.rows,

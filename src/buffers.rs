@@ -2,18 +2,114 @@
 
 use crate::context::GpuContext;
 use crate::error::{Error, Result};
-use crate::layout::{Layout, TensorPlacement};
+use crate::layout::{Layout, TensorKey, TensorPlacement, TensorSpec};
 use std::sync::{Arc, Mutex};
+
+/// A tensor whose parameter and gradient storage belong to the user: the optimizer
+/// reads and updates them in place and never copies them.
+///
+/// Both regions hold `spec.len()` f32 values from their byte offset. Requirements,
+/// checked at registration with [`Error::Registration`]: `STORAGE` usage, offsets
+/// that are multiples of the device's `min_storage_buffer_offset_alignment`, a length
+/// that is a multiple of 4 (the kernels read `vec4<f32>`; pad with zeros), regions
+/// inside their buffers and not overlapping each other, buffers of the optimizer's
+/// device. Uploading or downloading through the optimizer also needs `COPY_DST` /
+/// `COPY_SRC`.
+#[derive(Debug, Clone)]
+pub struct ExternalTensor {
+    /// Name and shape.
+    pub spec: TensorSpec,
+    /// Buffer holding the parameters.
+    pub params: wgpu::Buffer,
+    /// Byte offset of the parameters in `params`.
+    pub params_offset: u64,
+    /// Buffer the user's kernels write the gradient into.
+    pub grads: wgpu::Buffer,
+    /// Byte offset of the gradient in `grads`.
+    pub grads_offset: u64,
+}
+
+impl ExternalTensor {
+    /// Checks everything but the device (checked when the kernels are bound).
+    pub(crate) fn validate(&self, limits: &wgpu::Limits) -> Result<()> {
+        let bad = |reason: String| {
+            Err(Error::Registration {
+                tensor: self.spec.name.clone(),
+                reason,
+            })
+        };
+        let len = self.spec.len();
+        if len == 0 {
+            return Err(Error::EmptyParameters(format!(
+                "tensor {:?}",
+                self.spec.name
+            )));
+        }
+        if !len.is_multiple_of(4) {
+            return bad(format!(
+                "length {len} is not a multiple of 4; pad the buffers with zeros"
+            ));
+        }
+        let bytes = len as u64 * 4;
+        let align = u64::from(limits.min_storage_buffer_offset_alignment);
+        for (what, buf, off) in [
+            ("params", &self.params, self.params_offset),
+            ("grads", &self.grads, self.grads_offset),
+        ] {
+            if !buf.usage().contains(wgpu::BufferUsages::STORAGE) {
+                return bad(format!(
+                    "{what} buffer lacks STORAGE usage ({:?})",
+                    buf.usage()
+                ));
+            }
+            if !off.is_multiple_of(align) {
+                return bad(format!("{what} offset {off} is not a multiple of {align}"));
+            }
+            if off.checked_add(bytes).is_none_or(|end| end > buf.size()) {
+                return bad(format!(
+                    "{what} range {off}..{} exceeds the buffer's {} bytes",
+                    off.saturating_add(bytes),
+                    buf.size()
+                ));
+            }
+        }
+        if self.params == self.grads && self.params_offset.abs_diff(self.grads_offset) < bytes {
+            return bad("params and grads regions overlap".into());
+        }
+        Ok(())
+    }
+}
+
+/// A range of a buffer: where one segment's vector starts.
+#[derive(Debug, Clone)]
+pub(crate) struct Region {
+    pub buffer: wgpu::Buffer,
+    /// Byte offset.
+    pub offset: u64,
+}
+
+impl Region {
+    /// The binding of `len` elements from the start of the region.
+    pub fn binding(&self, len: usize) -> wgpu::BufferBinding<'_> {
+        wgpu::BufferBinding {
+            buffer: &self.buffer,
+            offset: self.offset,
+            size: wgpu::BufferSize::new(len as u64 * 4),
+        }
+    }
+}
 
 /// The three vectors of one segment.
 #[derive(Debug)]
 pub(crate) struct Segment {
-    pub params: wgpu::Buffer,
-    pub grads: wgpu::Buffer,
+    pub params: Region,
+    pub grads: Region,
     /// `None` when momentum is 0: no velocity memory and no velocity traffic.
-    pub velocity: Option<wgpu::Buffer>,
+    pub velocity: Option<Region>,
     /// Length in elements (a multiple of 4).
     pub len: usize,
+    /// Whether the parameter and gradient buffers are the user's.
+    pub external: bool,
 }
 
 /// Parameters, gradients and velocity on the GPU, laid out by a [`Layout`], plus the
@@ -43,8 +139,15 @@ pub(crate) fn device_segment_capacity(limits: &wgpu::Limits) -> usize {
 }
 
 impl ParamBuffers {
-    /// Allocates zeroed buffers for `layout`; velocity only if `with_velocity`.
-    pub(crate) fn new(ctx: &GpuContext, layout: Layout, with_velocity: bool) -> Self {
+    /// Allocates zeroed buffers for the arena segments of `layout` (velocity for every
+    /// segment only if `with_velocity`) and uses the user's buffers for the segments
+    /// of external tensors, given in layout order.
+    pub(crate) fn new(
+        ctx: &GpuContext,
+        layout: Layout,
+        with_velocity: bool,
+        external: &[ExternalTensor],
+    ) -> Self {
         let device = ctx.device();
         let storage = |label: &str, len: usize| {
             device.create_buffer(&wgpu::BufferDescriptor {
@@ -56,14 +159,44 @@ impl ParamBuffers {
                 mapped_at_creation: false,
             })
         };
+        let own = |len: usize| Region {
+            buffer: storage("polyak vector", len),
+            offset: 0,
+        };
+        // Which user region each external segment starts at.
+        let mut user: Vec<Option<(Region, Region)>> = vec![None; layout.segment_lens().len()];
+        for (t, ext) in layout.tensors().iter().filter(|t| t.external).zip(external) {
+            for p in &t.parts {
+                let at = p.tensor_offset as u64 * 4;
+                user[p.segment] = Some((
+                    Region {
+                        buffer: ext.params.clone(),
+                        offset: ext.params_offset + at,
+                    },
+                    Region {
+                        buffer: ext.grads.clone(),
+                        offset: ext.grads_offset + at,
+                    },
+                ));
+            }
+        }
         let segments = layout
             .segment_lens()
             .iter()
-            .map(|&len| Segment {
-                params: storage("polyak params", len),
-                grads: storage("polyak grads", len),
-                velocity: with_velocity.then(|| storage("polyak velocity", len)),
-                len,
+            .zip(user)
+            .map(|(&len, user)| {
+                let external = user.is_some();
+                let (params, grads) = user.unwrap_or_else(|| (own(len), own(len)));
+                Segment {
+                    params,
+                    grads,
+                    velocity: with_velocity.then(|| Region {
+                        buffer: storage("polyak velocity", len),
+                        offset: 0,
+                    }),
+                    len,
+                    external,
+                }
             })
             .collect();
         let scalars = storage("polyak scalars", 2);
@@ -98,11 +231,16 @@ impl ParamBuffers {
         self.segments.iter().any(|s| s.velocity.is_some())
     }
 
-    /// Bytes of device memory held for parameters, gradients and velocity.
+    /// Bytes of device memory this optimizer allocated for vectors: parameters and
+    /// gradients of the tensors it owns, and the velocity (user-owned buffers and the
+    /// few-KiB scratch of the norm are not counted).
     pub fn device_bytes(&self) -> u64 {
         self.segments
             .iter()
-            .map(|s| (s.len * 4 * if s.velocity.is_some() { 3 } else { 2 }) as u64)
+            .map(|s| {
+                let vectors = 2 * usize::from(!s.external) + usize::from(s.velocity.is_some());
+                (s.len * 4 * vectors) as u64
+            })
             .sum()
     }
 
@@ -124,40 +262,32 @@ impl ParamBuffers {
 
     fn bindings<'a>(
         &'a self,
-        name: &str,
-        pick: impl Fn(&'a Segment) -> &'a wgpu::Buffer,
+        key: impl TensorKey,
+        pick: impl Fn(&'a Segment) -> &'a Region,
     ) -> Result<Vec<wgpu::BufferBinding<'a>>> {
-        let t = self.layout.tensor(name)?;
+        let t = self.layout.tensor(key)?;
         Ok(t.parts
             .iter()
-            .map(|p| wgpu::BufferBinding {
-                buffer: pick(&self.segments[p.segment]),
-                offset: (p.offset * 4) as u64,
-                size: wgpu::BufferSize::new((p.len * 4) as u64),
+            .map(|p| {
+                let r = pick(&self.segments[p.segment]);
+                wgpu::BufferBinding {
+                    buffer: &r.buffer,
+                    offset: r.offset + (p.offset * 4) as u64,
+                    size: wgpu::BufferSize::new((p.len * 4) as u64),
+                }
             })
             .collect())
     }
 
     /// Bindings of tensor `name`'s parameters: one per piece (one unless the tensor is
     /// larger than a segment). Offsets respect `min_storage_buffer_offset_alignment`.
-    pub fn params_bindings(&self, name: &str) -> Result<Vec<wgpu::BufferBinding<'_>>> {
-        self.bindings(name, |s| &s.params)
+    pub fn params_bindings(&self, key: impl TensorKey) -> Result<Vec<wgpu::BufferBinding<'_>>> {
+        self.bindings(key, |s| &s.params)
     }
 
     /// Bindings of tensor `name`'s gradient, where the user's kernels write it.
-    pub fn grads_bindings(&self, name: &str) -> Result<Vec<wgpu::BufferBinding<'_>>> {
-        self.bindings(name, |s| &s.grads)
-    }
-
-    /// Parameter buffer of segment `i` (all tensors of a one-segment layout live in
-    /// segment 0).
-    pub fn params_buffer(&self, i: usize) -> Option<&wgpu::Buffer> {
-        self.segments.get(i).map(|s| &s.params)
-    }
-
-    /// Gradient buffer of segment `i`.
-    pub fn grads_buffer(&self, i: usize) -> Option<&wgpu::Buffer> {
-        self.segments.get(i).map(|s| &s.grads)
+    pub fn grads_bindings(&self, key: impl TensorKey) -> Result<Vec<wgpu::BufferBinding<'_>>> {
+        self.bindings(key, |s| &s.grads)
     }
 
     fn check_len(what: &str, expected: usize, got: usize) -> Result<()> {
@@ -175,24 +305,51 @@ impl ParamBuffers {
         &self,
         t: &TensorPlacement,
         data: &[f32],
-        pick: impl Fn(&Segment) -> &wgpu::Buffer,
-    ) {
+        pick: impl Fn(&Segment) -> &Region,
+    ) -> Result<()> {
         for p in &t.parts {
+            let r = pick(&self.segments[p.segment]);
+            needs(&r.buffer, wgpu::BufferUsages::COPY_DST, &t.spec.name)?;
             let src = &data[p.tensor_offset..p.tensor_offset + p.len];
             self.ctx.queue().write_buffer(
-                pick(&self.segments[p.segment]),
-                (p.offset * 4) as u64,
+                &r.buffer,
+                r.offset + (p.offset * 4) as u64,
                 bytemuck::cast_slice(src),
             );
         }
+        Ok(())
     }
 
-    /// Uploads tensor `name`'s parameters.
-    pub fn upload_tensor(&self, name: &str, data: &[f32]) -> Result<()> {
-        let t = self.layout.tensor(name)?;
-        Self::check_len(name, t.spec.len(), data.len())?;
-        self.write_tensor(t, data, |s| &s.params);
-        Ok(())
+    fn read_tensor(
+        &self,
+        t: &TensorPlacement,
+        pick: impl Fn(&Segment) -> Option<&Region>,
+    ) -> Result<Vec<f32>> {
+        let mut out = Vec::with_capacity(t.spec.len());
+        for p in &t.parts {
+            match pick(&self.segments[p.segment]) {
+                Some(r) => {
+                    needs(&r.buffer, wgpu::BufferUsages::COPY_SRC, &t.spec.name)?;
+                    let at = r.offset + (p.offset * 4) as u64;
+                    out.extend(read_buffer(&self.ctx, &r.buffer, at, (p.len * 4) as u64)?);
+                }
+                None => out.extend(std::iter::repeat_n(0.0, p.len)),
+            }
+        }
+        Ok(out)
+    }
+
+    /// Uploads one tensor's parameters.
+    pub fn upload_tensor(&self, key: impl TensorKey, data: &[f32]) -> Result<()> {
+        let t = self.layout.tensor(key)?;
+        Self::check_len(&t.spec.name, t.spec.len(), data.len())?;
+        self.write_tensor(t, data, |s| &s.params)
+    }
+
+    /// Downloads one tensor's parameters (allocates; not part of a step).
+    pub fn download_tensor(&self, key: impl TensorKey) -> Result<Vec<f32>> {
+        let t = self.layout.tensor(key)?;
+        self.read_tensor(t, |s| Some(&s.params))
     }
 
     /// Uploads all parameters, tensors concatenated in layout order.
@@ -210,32 +367,16 @@ impl ParamBuffers {
         &self,
         data: &[f32],
         what: &str,
-        pick: impl Fn(&Segment) -> &wgpu::Buffer + Copy,
+        pick: impl Fn(&Segment) -> &Region + Copy,
     ) -> Result<()> {
         Self::check_len(what, self.num_params(), data.len())?;
         let mut at = 0;
         for t in self.layout.tensors() {
             let n = t.spec.len();
-            self.write_tensor(t, &data[at..at + n], pick);
+            self.write_tensor(t, &data[at..at + n], pick)?;
             at += n;
         }
         Ok(())
-    }
-
-    /// Downloads tensor `name`'s parameters (allocates; not for the step loop).
-    pub fn download_tensor(&self, name: &str) -> Result<Vec<f32>> {
-        let t = self.layout.tensor(name)?;
-        let mut out = Vec::with_capacity(t.spec.len());
-        for p in &t.parts {
-            let seg = &self.segments[p.segment].params;
-            out.extend(read_buffer(
-                &self.ctx,
-                seg,
-                (p.offset * 4) as u64,
-                (p.len * 4) as u64,
-            )?);
-        }
-        Ok(out)
     }
 
     /// Downloads all parameters, tensors concatenated in layout order.
@@ -243,7 +384,7 @@ impl ParamBuffers {
         self.download_flat(|s| Some(&s.params))
     }
 
-    /// Downloads the gradient buffer.
+    /// Downloads the gradient.
     pub fn download_grads(&self) -> Result<Vec<f32>> {
         self.download_flat(|s| Some(&s.grads))
     }
@@ -256,43 +397,19 @@ impl ParamBuffers {
         self.download_flat(|s| s.velocity.as_ref()).map(Some)
     }
 
-    fn gather(t: &TensorPlacement, segs: &[Vec<f32>]) -> Vec<f32> {
-        let mut out = vec![0.0; t.spec.len()];
-        for p in &t.parts {
-            out[p.tensor_offset..p.tensor_offset + p.len]
-                .copy_from_slice(&segs[p.segment][p.offset..p.offset + p.len]);
-        }
-        out
-    }
-
-    fn download_flat(&self, pick: impl Fn(&Segment) -> Option<&wgpu::Buffer>) -> Result<Vec<f32>> {
-        let segs = self.download_segments(pick)?;
+    fn download_flat(&self, pick: impl Fn(&Segment) -> Option<&Region> + Copy) -> Result<Vec<f32>> {
         let mut out = Vec::with_capacity(self.num_params());
         for t in self.layout.tensors() {
-            out.extend(Self::gather(t, &segs));
+            out.extend(self.read_tensor(t, pick)?);
         }
         Ok(out)
-    }
-
-    /// Copies whole segments back to the host, one at a time.
-    fn download_segments(
-        &self,
-        pick: impl Fn(&Segment) -> Option<&wgpu::Buffer>,
-    ) -> Result<Vec<Vec<f32>>> {
-        self.segments
-            .iter()
-            .map(|s| match pick(s) {
-                Some(b) => read_buffer(&self.ctx, b, 0, (s.len * 4) as u64),
-                None => Ok(vec![0.0; s.len]),
-            })
-            .collect()
     }
 
     /// Zeroes the velocity (jaxopt's `init_state`).
     pub(crate) fn clear_velocity(&self, encoder: &mut wgpu::CommandEncoder) {
         for s in &self.segments {
             if let Some(v) = &s.velocity {
-                encoder.clear_buffer(v, 0, None);
+                encoder.clear_buffer(&v.buffer, 0, None);
             }
         }
     }
@@ -327,6 +444,18 @@ impl ParamBuffers {
         };
         self.staging.unmap();
         Ok(out)
+    }
+}
+
+/// Errors unless `buffer` has `usage` (user buffers may lack the copy flags).
+fn needs(buffer: &wgpu::Buffer, usage: wgpu::BufferUsages, tensor: &str) -> Result<()> {
+    if buffer.usage().contains(usage) {
+        Ok(())
+    } else {
+        Err(Error::Registration {
+            tensor: tensor.to_string(),
+            reason: format!("its buffer lacks {usage:?} usage for this copy"),
+        })
     }
 }
 

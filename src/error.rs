@@ -47,6 +47,15 @@ pub enum Error {
     /// A tensor name that the optimizer does not hold, or that is given twice.
     #[error("tensor {0:?}: {1}")]
     Tensor(String, &'static str),
+    /// A user-owned buffer failed a check at registration, or lacks a usage an
+    /// operation needs.
+    #[error("external tensor {tensor:?}: {reason}")]
+    Registration {
+        /// The tensor's name.
+        tensor: String,
+        /// What is wrong.
+        reason: String,
+    },
     /// A step was refused because its loss, squared gradient norm or step size is
     /// not finite (policy [`crate::NonFinitePolicy::Refuse`]). Parameters and velocity
     /// are unchanged.

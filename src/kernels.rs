@@ -185,19 +185,19 @@ impl Kernels {
                 ctx,
                 &norm_pipeline,
                 &[
-                    (0, s.grads.as_entire_binding()),
+                    (0, wgpu::BindingResource::Buffer(s.grads.binding(s.len))),
                     (1, partials.as_entire_binding()),
                     (2, geo.as_entire_binding()),
                 ],
             ));
             let mut entries = vec![
-                (0, s.params.as_entire_binding()),
-                (1, s.grads.as_entire_binding()),
+                (0, wgpu::BindingResource::Buffer(s.params.binding(s.len))),
+                (1, wgpu::BindingResource::Buffer(s.grads.binding(s.len))),
                 (3, geo.as_entire_binding()),
                 (4, step_buffer.as_entire_binding()),
             ];
             if let Some(v) = &s.velocity {
-                entries.push((2, v.as_entire_binding()));
+                entries.push((2, wgpu::BindingResource::Buffer(v.binding(s.len))));
             }
             update_groups.push(bind_group(ctx, &update_pipeline, &entries));
         }
@@ -303,7 +303,7 @@ mod tests {
             .expect("an adapter");
         let n = 4 * 70_001 - 3;
         let layout = Layout::new(&[TensorSpec::new("p", &[n])], 8, 1 << 30).unwrap();
-        let bufs = ParamBuffers::new(&ctx, layout, true);
+        let bufs = ParamBuffers::new(&ctx, layout, true, &[]);
         let n4 = (bufs.segments[0].len / 4) as u32;
         let geo = Geometry {
             n4,

@@ -1,12 +1,13 @@
-//! Where each named tensor lives: the parameter arena split into segments.
+//! Where each named tensor lives: the parameter vector split into segments.
 //!
 //! All tensors share one logical vector (one global norm, one update), stored as a
-//! list of *segments*: one storage buffer each for parameters, gradients and
-//! velocity, at most one binding long. A tensor starts at an offset aligned to the
-//! device's `min_storage_buffer_offset_alignment` (so a user kernel can bind it
-//! alone); a tensor that fits in a segment never straddles two; a tensor larger
-//! than a segment continues in the next ones. Gaps are zero in every vector and
-//! stay zero. The kernels run once per segment, never once per tensor.
+//! list of *segments*: one storage binding each for parameters, gradients and
+//! velocity. Tensors the optimizer owns are packed into arena segments: each starts
+//! at an offset aligned to the device's `min_storage_buffer_offset_alignment` (so a
+//! user kernel can bind it alone); a tensor that fits in a segment never straddles
+//! two; a tensor larger than a segment continues in the next ones. Gaps are zero in
+//! every vector and stay zero. A tensor whose buffers the user owns gets segments of
+//! its own. The kernels run once per segment, never once per tensor.
 
 use crate::error::{Error, Result};
 
@@ -39,6 +40,41 @@ impl TensorSpec {
     }
 }
 
+/// A handle to a tensor: its index in layout order.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct TensorId(pub usize);
+
+/// Anything that names a tensor: its name (`&str`) or its [`TensorId`].
+pub trait TensorKey {
+    /// Finds the tensor in `layout`.
+    fn find(self, layout: &Layout) -> Result<&TensorPlacement>;
+}
+
+impl TensorKey for &str {
+    fn find(self, layout: &Layout) -> Result<&TensorPlacement> {
+        layout
+            .tensors
+            .iter()
+            .find(|t| t.spec.name == self)
+            .ok_or_else(|| Error::Tensor(self.to_string(), "no such tensor"))
+    }
+}
+
+impl TensorKey for &String {
+    fn find(self, layout: &Layout) -> Result<&TensorPlacement> {
+        TensorKey::find(self.as_str(), layout)
+    }
+}
+
+impl TensorKey for TensorId {
+    fn find(self, layout: &Layout) -> Result<&TensorPlacement> {
+        layout
+            .tensors
+            .get(self.0)
+            .ok_or_else(|| Error::Tensor(format!("#{}", self.0), "no such tensor"))
+    }
+}
+
 /// One contiguous piece of a tensor inside one segment.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Part {
@@ -59,6 +95,8 @@ pub struct TensorPlacement {
     pub spec: TensorSpec,
     /// Its pieces, in order; one unless it is larger than a segment.
     pub parts: Vec<Part>,
+    /// Whether its buffers belong to the user.
+    pub external: bool,
 }
 
 /// The placement of all tensors.
@@ -67,6 +105,8 @@ pub struct Layout {
     tensors: Vec<TensorPlacement>,
     /// Length of each segment in elements, a multiple of 4 (one `vec4<f32>`).
     segment_lens: Vec<usize>,
+    /// Whether the last segment is an arena segment that can take more tensors.
+    arena_open: bool,
     align: usize,
     capacity: usize,
 }
@@ -76,13 +116,19 @@ fn round_up(x: usize, to: usize) -> usize {
 }
 
 impl Layout {
-    /// Places `tensors` in order. `align` is the tensor start alignment in elements
-    /// (rounded up to a multiple of 4); `capacity` the most elements in one segment
-    /// (rounded down to a multiple of `align`).
+    /// Places `tensors` in order in arena segments. `align` is the tensor start
+    /// alignment in elements (rounded up to a multiple of 4); `capacity` the most
+    /// elements in one segment (rounded down to a multiple of `align`).
     pub fn new(tensors: &[TensorSpec], align: usize, capacity: usize) -> Result<Self> {
-        if tensors.is_empty() {
-            return Err(Error::EmptyParameters("no tensors given".into()));
+        let mut layout = Self::empty(align, capacity)?;
+        for t in tensors {
+            layout.place(t)?;
         }
+        layout.finish()
+    }
+
+    /// A layout with no tensors yet.
+    pub(crate) fn empty(align: usize, capacity: usize) -> Result<Self> {
         let align = round_up(align.max(4), 4);
         let capacity = (capacity / align) * align;
         if capacity == 0 {
@@ -92,69 +138,127 @@ impl Layout {
                 reason: "must hold at least one aligned block",
             });
         }
-        let mut placed: Vec<TensorPlacement> = Vec::with_capacity(tensors.len());
-        let mut segment_lens = vec![0usize];
-        for spec in tensors {
-            if spec.is_empty() {
-                return Err(Error::EmptyParameters(format!("tensor {:?}", spec.name)));
-            }
-            if placed.iter().any(|t| t.spec.name == spec.name) {
-                return Err(Error::Tensor(spec.name.clone(), "given twice"));
-            }
-            let len = spec.len();
-            let mut seg = segment_lens.len() - 1;
-            let mut off = round_up(segment_lens[seg], align);
-            // A tensor that fits in one segment never straddles two.
-            if off >= capacity || (len <= capacity && off + len > capacity) {
-                segment_lens.push(0);
-                seg += 1;
-                off = 0;
-            }
-            let mut parts = Vec::new();
-            let mut done = 0;
-            while done < len {
-                if off >= capacity {
-                    segment_lens.push(0);
-                    seg += 1;
-                    off = 0;
-                }
-                let n = (len - done).min(capacity - off);
-                parts.push(Part {
-                    segment: seg,
-                    offset: off,
-                    len: n,
-                    tensor_offset: done,
-                });
-                done += n;
-                off += n;
-                segment_lens[seg] = off;
-            }
-            placed.push(TensorPlacement {
-                spec: spec.clone(),
-                parts,
-            });
-        }
-        for l in &mut segment_lens {
-            *l = round_up(*l, 4);
-        }
         Ok(Layout {
-            tensors: placed,
-            segment_lens,
+            tensors: Vec::new(),
+            segment_lens: Vec::new(),
+            arena_open: false,
             align,
             capacity,
         })
     }
 
-    /// The placed tensors, in the order given.
+    fn check_new(&self, spec: &TensorSpec) -> Result<()> {
+        if spec.is_empty() {
+            return Err(Error::EmptyParameters(format!("tensor {:?}", spec.name)));
+        }
+        if self.tensors.iter().any(|t| t.spec.name == spec.name) {
+            return Err(Error::Tensor(spec.name.clone(), "given twice"));
+        }
+        Ok(())
+    }
+
+    fn new_segment(&mut self, arena: bool) -> usize {
+        self.segment_lens.push(0);
+        self.arena_open = arena;
+        self.segment_lens.len() - 1
+    }
+
+    /// Places an optimizer-owned tensor in the arena.
+    pub(crate) fn place(&mut self, spec: &TensorSpec) -> Result<TensorId> {
+        self.check_new(spec)?;
+        let len = spec.len();
+        let (mut seg, mut off) = if self.arena_open {
+            let seg = self.segment_lens.len() - 1;
+            (seg, round_up(self.segment_lens[seg], self.align))
+        } else {
+            (self.new_segment(true), 0)
+        };
+        // A tensor that fits in one segment never straddles two.
+        if off >= self.capacity || (len <= self.capacity && off + len > self.capacity) {
+            seg = self.new_segment(true);
+            off = 0;
+        }
+        let mut parts = Vec::new();
+        let mut done = 0;
+        while done < len {
+            if off >= self.capacity {
+                seg = self.new_segment(true);
+                off = 0;
+            }
+            let n = (len - done).min(self.capacity - off);
+            parts.push(Part {
+                segment: seg,
+                offset: off,
+                len: n,
+                tensor_offset: done,
+            });
+            done += n;
+            off += n;
+            self.segment_lens[seg] = off;
+        }
+        self.tensors.push(TensorPlacement {
+            spec: spec.clone(),
+            parts,
+            external: false,
+        });
+        Ok(TensorId(self.tensors.len() - 1))
+    }
+
+    /// Places a user-owned tensor in segments of its own (its length must be a
+    /// multiple of 4; the caller checks).
+    pub(crate) fn place_external(&mut self, spec: &TensorSpec) -> Result<TensorId> {
+        self.check_new(spec)?;
+        let len = spec.len();
+        let mut parts = Vec::new();
+        let mut done = 0;
+        while done < len {
+            let n = (len - done).min(self.capacity);
+            let seg = self.new_segment(false);
+            self.segment_lens[seg] = n;
+            parts.push(Part {
+                segment: seg,
+                offset: 0,
+                len: n,
+                tensor_offset: done,
+            });
+            done += n;
+        }
+        self.arena_open = false;
+        self.tensors.push(TensorPlacement {
+            spec: spec.clone(),
+            parts,
+            external: true,
+        });
+        Ok(TensorId(self.tensors.len() - 1))
+    }
+
+    /// Pads arena segments to whole vec4s; errors if there is no tensor at all.
+    pub(crate) fn finish(mut self) -> Result<Self> {
+        if self.tensors.is_empty() {
+            return Err(Error::EmptyParameters("no tensors given".into()));
+        }
+        for l in &mut self.segment_lens {
+            *l = round_up(*l, 4);
+        }
+        Ok(self)
+    }
+
+    /// The placed tensors, in layout order.
     pub fn tensors(&self) -> &[TensorPlacement] {
         &self.tensors
     }
 
-    /// A tensor by name.
-    pub fn tensor(&self, name: &str) -> Result<&TensorPlacement> {
+    /// A tensor by name or id.
+    pub fn tensor(&self, key: impl TensorKey) -> Result<&TensorPlacement> {
+        key.find(self)
+    }
+
+    /// The id of tensor `name`.
+    pub fn id(&self, name: &str) -> Result<TensorId> {
         self.tensors
             .iter()
-            .find(|t| t.spec.name == name)
+            .position(|t| t.spec.name == name)
+            .map(TensorId)
             .ok_or_else(|| Error::Tensor(name.to_string(), "no such tensor"))
     }
 
@@ -190,6 +294,15 @@ mod tests {
             .collect()
     }
 
+    fn part(segment: usize, offset: usize, len: usize, tensor_offset: usize) -> Part {
+        Part {
+            segment,
+            offset,
+            len,
+            tensor_offset,
+        }
+    }
+
     #[test]
     fn aligned_starts_and_padded_segments() {
         let l = Layout::new(&specs(&[3, 10, 1]), 8, 1 << 20).unwrap();
@@ -197,6 +310,8 @@ mod tests {
         assert_eq!(offs, vec![0, 8, 24]);
         assert_eq!(l.segment_lens(), &[28]);
         assert_eq!(l.num_params(), 14);
+        assert_eq!(l.id("t2").unwrap(), TensorId(2));
+        assert_eq!(l.tensor(TensorId(1)).unwrap().spec.name, "t1");
     }
 
     #[test]
@@ -204,24 +319,8 @@ mod tests {
         // capacity 16: t0 takes 0..10, t1 (8) would end at 24 > 16 -> segment 1.
         let l = Layout::new(&specs(&[10, 8, 7]), 8, 16).unwrap();
         let t = l.tensors();
-        assert_eq!(
-            t[1].parts,
-            vec![Part {
-                segment: 1,
-                offset: 0,
-                len: 8,
-                tensor_offset: 0
-            }]
-        );
-        assert_eq!(
-            t[2].parts,
-            vec![Part {
-                segment: 1,
-                offset: 8,
-                len: 7,
-                tensor_offset: 0
-            }]
-        );
+        assert_eq!(t[1].parts, vec![part(1, 0, 8, 0)]);
+        assert_eq!(t[2].parts, vec![part(1, 8, 7, 0)]);
         assert_eq!(l.segment_lens(), &[12, 16]);
     }
 
@@ -229,20 +328,29 @@ mod tests {
     fn a_large_tensor_spans_segments() {
         let l = Layout::new(&specs(&[5, 40]), 8, 16).unwrap();
         let p = &l.tensors()[1].parts;
-        assert_eq!(p.len(), 3);
         assert_eq!(
-            (p[0].segment, p[0].offset, p[0].len, p[0].tensor_offset),
-            (0, 8, 8, 0)
-        );
-        assert_eq!(
-            (p[1].segment, p[1].offset, p[1].len, p[1].tensor_offset),
-            (1, 0, 16, 8)
-        );
-        assert_eq!(
-            (p[2].segment, p[2].offset, p[2].len, p[2].tensor_offset),
-            (2, 0, 16, 24)
+            p,
+            &[part(0, 8, 8, 0), part(1, 0, 16, 8), part(2, 0, 16, 24)]
         );
         assert_eq!(l.segment_lens(), &[16, 16, 16]);
+    }
+
+    #[test]
+    fn external_tensors_get_their_own_segments() {
+        let mut l = Layout::empty(8, 16).unwrap();
+        l.place(&TensorSpec::new("a", &[3])).unwrap();
+        l.place_external(&TensorSpec::new("x", &[36])).unwrap();
+        l.place(&TensorSpec::new("b", &[5])).unwrap();
+        let l = l.finish().unwrap();
+        let t = l.tensors();
+        assert_eq!(
+            t[1].parts,
+            vec![part(1, 0, 16, 0), part(2, 0, 16, 16), part(3, 0, 4, 32)]
+        );
+        assert!(t[1].external && !t[0].external);
+        // an owned tensor after an external one starts a fresh arena segment
+        assert_eq!(t[2].parts, vec![part(4, 0, 5, 0)]);
+        assert_eq!(l.segment_lens(), &[4, 16, 16, 4, 8]);
     }
 
     #[test]
@@ -258,5 +366,8 @@ mod tests {
         let dup = vec![TensorSpec::new("a", &[2]), TensorSpec::new("a", &[3])];
         assert!(matches!(Layout::new(&dup, 8, 16), Err(Error::Tensor(..))));
         assert!(Layout::new(&specs(&[4]), 8, 4).is_err());
+        let l = Layout::new(&specs(&[4]), 8, 16).unwrap();
+        assert!(matches!(l.tensor("zz"), Err(Error::Tensor(..))));
+        assert!(matches!(l.tensor(TensorId(1)), Err(Error::Tensor(..))));
     }
 }

@@ -29,13 +29,13 @@ pub mod solver;
 pub mod state;
 pub mod stepsize;
 
-pub use buffers::ParamBuffers;
+pub use buffers::{ExternalTensor, ParamBuffers};
 pub use config::{NonFinitePolicy, PolyakConfig, Variant};
 pub use context::{AdapterChoice, ContextOptions, GpuContext};
 pub use error::{Error, Result};
 pub use evaluation::Evaluation;
-pub use layout::{Layout, TensorSpec};
-pub use solver::{PolyakSgd, PreUpdate};
+pub use layout::{Layout, TensorId, TensorKey, TensorSpec};
+pub use solver::{PolyakSgd, PolyakSgdBuilder, PreUpdate};
 pub use state::{Loss, State};
 pub use stepsize::{Precision, polyak_stepsize};
 

@@ -1,6 +1,6 @@
 //! `PolyakSgd`: jaxopt's `PolyakSGD` with parameters, gradients and velocity on the GPU.
 
-use crate::buffers::{ParamBuffers, device_segment_capacity};
+use crate::buffers::{ExternalTensor, ParamBuffers, device_segment_capacity};
 use crate::config::{NonFinitePolicy, PolyakConfig};
 use crate::context::GpuContext;
 use crate::error::{Error, Result};
@@ -28,6 +28,79 @@ pub struct PreUpdate<'a> {
 }
 
 type PreUpdateHook = dyn FnMut(&PreUpdate<'_>) -> Result<()>;
+
+/// Collects the tensors of a [`PolyakSgd`]. Layout order: the owned tensors in the
+/// order given, then the external ones in the order given.
+#[derive(Debug)]
+pub struct PolyakSgdBuilder {
+    ctx: GpuContext,
+    config: PolyakConfig,
+    owned: Vec<TensorSpec>,
+    external: Vec<ExternalTensor>,
+}
+
+impl PolyakSgdBuilder {
+    /// Adds a tensor whose buffers the optimizer allocates (zero-initialised).
+    pub fn tensor(mut self, spec: TensorSpec) -> Self {
+        self.owned.push(spec);
+        self
+    }
+
+    /// Registers a tensor whose parameter and gradient buffers the user owns.
+    pub fn external(mut self, tensor: ExternalTensor) -> Self {
+        self.external.push(tensor);
+        self
+    }
+
+    /// Validates everything and allocates the optimizer's own buffers.
+    pub fn build(self) -> Result<PolyakSgd> {
+        let PolyakSgdBuilder {
+            ctx,
+            config,
+            owned,
+            external,
+        } = self;
+        config.validate()?;
+        let limits = ctx.limits();
+        for e in &external {
+            e.validate(limits)?;
+        }
+        let align = (limits.min_storage_buffer_offset_alignment as usize / 4).max(4);
+        let capacity = ctx
+            .max_segment_elements()
+            .unwrap_or(usize::MAX)
+            .min(device_segment_capacity(limits));
+        let mut layout = Layout::empty(align, capacity)?;
+        for t in &owned {
+            layout.place(t)?;
+        }
+        for e in &external {
+            layout.place_external(&e.spec)?;
+        }
+        let layout = layout.finish()?;
+        // A buffer of another device shows up as a validation error when bound.
+        let scope = ctx.device().push_error_scope(wgpu::ErrorFilter::Validation);
+        let buffers = ParamBuffers::new(&ctx, layout, config.momentum != 0.0, &external);
+        let kernels = Kernels::new(&ctx, &buffers, config.momentum);
+        if let Some(e) = pollster::block_on(scope.pop()) {
+            return Err(Error::Registration {
+                tensor: external
+                    .iter()
+                    .map(|e| e.spec.name.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", "),
+                reason: format!("binding the buffers failed (another device?): {e}"),
+            });
+        }
+        Ok(PolyakSgd {
+            ctx,
+            config,
+            buffers,
+            kernels,
+            pre_update: None,
+        })
+    }
+}
 
 /// SGD with the Polyak step size on the GPU, with the semantics of jaxopt 0.8.5's
 /// `PolyakSGD`.
@@ -89,23 +162,21 @@ impl PolyakSgd {
         config: PolyakConfig,
         tensors: &[TensorSpec],
     ) -> Result<Self> {
-        config.validate()?;
-        let limits = ctx.limits();
-        let align = (limits.min_storage_buffer_offset_alignment as usize / 4).max(4);
-        let capacity = ctx
-            .max_segment_elements()
-            .unwrap_or(usize::MAX)
-            .min(device_segment_capacity(limits));
-        let layout = Layout::new(tensors, align, capacity)?;
-        let buffers = ParamBuffers::new(ctx, layout, config.momentum != 0.0);
-        let kernels = Kernels::new(ctx, &buffers, config.momentum);
-        Ok(PolyakSgd {
+        tensors
+            .iter()
+            .fold(Self::builder(ctx, config), |b, t| b.tensor(t.clone()))
+            .build()
+    }
+
+    /// Starts a solver made of optimizer-owned tensors and tensors whose buffers the
+    /// user owns ([`ExternalTensor`]).
+    pub fn builder(ctx: &GpuContext, config: PolyakConfig) -> PolyakSgdBuilder {
+        PolyakSgdBuilder {
             ctx: ctx.clone(),
             config,
-            buffers,
-            kernels,
-            pre_update: None,
-        })
+            owned: Vec::new(),
+            external: Vec::new(),
+        }
     }
 
     /// The options.

@@ -15,6 +15,11 @@ use std::sync::{Arc, Mutex};
 /// inside their buffers and not overlapping each other, buffers of the optimizer's
 /// device. Uploading or downloading through the optimizer also needs `COPY_DST` /
 /// `COPY_SRC`.
+///
+/// The device check relies on wgpu's validation, which catches a buffer of another
+/// device of the same `wgpu::Instance`; wgpu offers no way to recognise a buffer of
+/// another instance, so build the [`GpuContext`] with [`GpuContext::from_device`] on
+/// the device that made the buffers.
 #[derive(Debug, Clone)]
 pub struct ExternalTensor {
     /// Name and shape.

@@ -224,6 +224,25 @@ impl Kernels {
         }
     }
 
+    /// Bytes of device memory the kernels use besides the vectors: the norm partials
+    /// and the uniforms.
+    pub fn scratch_bytes(&self) -> u64 {
+        let partials: u64 = self
+            .geometries
+            .iter()
+            .map(|g| u64::from(g.groups))
+            .sum::<u64>()
+            * 4;
+        let uniforms = (self.geometries.len() * std::mem::size_of::<Geometry>()) as u64 + 16 + 16;
+        partials + uniforms
+    }
+
+    /// Compute dispatches in one step: the norm of each segment, the final sum, the
+    /// update of each segment. It grows with the segment count, never the tensor count.
+    pub fn dispatches_per_step(&self) -> usize {
+        2 * self.geometries.len() + 1
+    }
+
     /// Records both norm passes: the squared gradient norm lands in `scalars[1]`.
     pub fn encode_norm(&self, encoder: &mut wgpu::CommandEncoder) {
         let mut pass = encoder.begin_compute_pass(&wgpu::ComputePassDescriptor {

@@ -194,6 +194,24 @@ impl PolyakSgd {
         &self.buffers
     }
 
+    /// Device memory the optimizer itself allocated: its parameter and gradient
+    /// buffers (not the user's), the velocity, and the norm scratch plus the 16-byte
+    /// loss/norm slot and its readback copy.
+    pub fn device_bytes(&self) -> u64 {
+        self.buffers.device_bytes() + self.kernels.scratch_bytes() + 16
+    }
+
+    /// Bytes of the above that are scratch, not vectors (a few KiB at most).
+    pub fn scratch_bytes(&self) -> u64 {
+        self.kernels.scratch_bytes() + 16
+    }
+
+    /// Compute dispatches the optimizer records per step (its own, not the
+    /// objective's): two per segment plus one, whatever the number of tensors.
+    pub fn dispatches_per_step(&self) -> usize {
+        self.kernels.dispatches_per_step()
+    }
+
     /// Sets jaxopt's `pre_update`: called at the start of every `update`, before the
     /// objective, with the parameters and the state so far.
     pub fn set_pre_update(&mut self, hook: impl FnMut(&PreUpdate<'_>) -> Result<()> + 'static) {

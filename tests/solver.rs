@@ -2,98 +2,11 @@
 
 mod common;
 
-use common::{ctx, ctx_with_segments, random, sqnorm};
+use common::{GpuQuadratic, check_step, ctx, ctx_with_segments, fixed, random, sqnorm, two_steps};
 use polyak_gpu::{
-    Error, Evaluation, GpuContext, Loss, NonFinitePolicy, PolyakConfig, PolyakSgd, Precision,
-    State, TensorSpec, Variant, polyak_stepsize,
+    Error, Evaluation, Loss, NonFinitePolicy, PolyakConfig, PolyakSgd, State, TensorSpec, Variant,
 };
 use std::sync::{Arc, Mutex};
-
-/// Host objective with a fixed gradient and loss (tests the optimizer's kernels only).
-fn fixed(
-    g: &[f32],
-    value: f64,
-) -> impl Fn(&mut Evaluation<'_>) -> polyak_gpu::Result<(Loss, ())> + '_ {
-    move |ev| {
-        ev.write_grads(g)?;
-        Ok((Loss::Host(value), ()))
-    }
-}
-
-/// Checks one update against f64 arithmetic on the same f32 inputs; returns the
-/// velocity the reference expects.
-fn check_step(
-    opt: &mut PolyakSgd,
-    state: &State,
-    p: &[f32],
-    v: &[f32],
-    g: &[f32],
-    value: f64,
-) -> (State, Vec<f32>, Vec<f32>) {
-    let cfg = opt.config().clone();
-    let next = opt.update(state, fixed(g, value)).unwrap();
-    let exact = sqnorm(g);
-    let rel = (next.error * next.error - exact).abs() / exact;
-    assert!(
-        rel <= 1e-5,
-        "n={}: norm^2 {} vs {exact}",
-        g.len(),
-        next.error * next.error
-    );
-    let expected_step = polyak_stepsize(value, exact, &cfg, Precision::F32);
-    assert!(
-        (next.stepsize - expected_step).abs() <= 1e-5 * expected_step.abs(),
-        "step {} vs {expected_step}",
-        next.stepsize
-    );
-    let s = next.stepsize;
-    let m = cfg.momentum;
-    let got_p = opt.download_params().unwrap();
-    let got_v = opt.download_velocity().unwrap();
-    assert_eq!(got_v.is_some(), m != 0.0);
-    let mut worst = 0.0f64;
-    for i in 0..g.len() {
-        let (pi, vi, gi) = (f64::from(p[i]), f64::from(v[i]), f64::from(g[i]));
-        let v_new = m * vi - s * gi;
-        let p_new = pi + v_new;
-        let scale = pi.abs() + (m * vi).abs() + (s * gi).abs() + 1e-30;
-        let err = (f64::from(got_p[i]) - p_new).abs() / scale;
-        worst = worst.max(err);
-        if let Some(gv) = &got_v {
-            let verr = (f64::from(gv[i]) - v_new).abs() / ((m * vi).abs() + (s * gi).abs() + 1e-30);
-            assert!(
-                verr <= 4.0 * f64::from(f32::EPSILON),
-                "velocity[{i}] {} vs {v_new}",
-                gv[i]
-            );
-        }
-    }
-    assert!(
-        worst <= 4.0 * f64::from(f32::EPSILON),
-        "n={}: params rel err {worst}",
-        g.len()
-    );
-    (next, got_p, got_v.unwrap_or_else(|| vec![0.0; g.len()]))
-}
-
-fn two_steps(ctx: &GpuContext, n: usize, momentum: f64, seed: u64) {
-    let cfg = PolyakConfig::default()
-        .momentum(momentum)
-        .fun_min(-1.0)
-        .max_stepsize(1e6);
-    let p0 = random(seed, n);
-    let mut opt = PolyakSgd::new(ctx, cfg, &p0).unwrap();
-    let g1 = random(seed + 1, n);
-    let g2 = random(seed + 2, n);
-    let state = opt.init_state(fixed(&g1, 0.5)).unwrap();
-    let zeros = vec![0.0; n];
-    let (state, p1, v1) = check_step(&mut opt, &state, &p0, &zeros, &g1, 0.5);
-    let (state, _, _) = check_step(&mut opt, &state, &p1, &v1, &g2, 0.25);
-    assert_eq!(
-        (state.iter_num, state.num_fun_eval, state.num_grad_eval),
-        (2, 3, 2)
-    );
-}
 
 #[test]
 fn update_matches_f64_on_random_data_at_awkward_sizes() {
@@ -358,133 +271,6 @@ fn pre_update_runs_before_each_update_and_maxiter_zero_does_nothing() {
     assert_eq!(opt.download_params().unwrap(), [3.0]);
 }
 
-/// A GPU objective: 0.5 ||x - c||^2 with gradient and loss written by WGSL kernels
-/// (one invocation per element, then one invocation sums the workgroup partials).
-struct GpuQuadratic {
-    grad: wgpu::ComputePipeline,
-    total: wgpu::ComputePipeline,
-    grad_group: wgpu::BindGroup,
-    total_group: wgpu::BindGroup,
-    groups: u32,
-}
-
-impl GpuQuadratic {
-    const SHADER: &'static str = r#"
-        @group(0) @binding(0) var<storage, read> x: array<f32>;
-        @group(0) @binding(1) var<storage, read> c: array<f32>;
-        @group(0) @binding(2) var<storage, read_write> g: array<f32>;
-        @group(0) @binding(3) var<storage, read_write> partials: array<f32>;
-        @group(0) @binding(4) var<storage, read_write> loss: array<f32, 1>;
-        var<workgroup> part: array<f32, 256>;
-        @compute @workgroup_size(256)
-        fn grad(@builtin(global_invocation_id) id: vec3<u32>,
-                @builtin(local_invocation_index) lid: u32,
-                @builtin(workgroup_id) wid: vec3<u32>) {
-            var d = 0.0;
-            if (id.x < arrayLength(&c)) {
-                d = x[id.x] - c[id.x];
-                g[id.x] = d;
-            }
-            part[lid] = d * d;
-            workgroupBarrier();
-            for (var s = 128u; s > 0u; s >>= 1u) {
-                if (lid < s) { part[lid] += part[lid + s]; }
-                workgroupBarrier();
-            }
-            if (lid == 0u) { partials[wid.x] = part[0]; }
-        }
-        @compute @workgroup_size(1)
-        fn total() {
-            var acc = 0.0;
-            for (var i = 0u; i < arrayLength(&partials); i++) { acc += partials[i]; }
-            loss[0] = 0.5 * acc;
-        }"#;
-
-    fn new(opt: &PolyakSgd, c: &[f32]) -> Self {
-        use wgpu::util::DeviceExt;
-        let device = opt.context().device();
-        let groups = (c.len() as u32).div_ceil(256);
-        let c_buf = device.create_buffer_init(&wgpu::util::BufferInitDescriptor {
-            label: None,
-            contents: bytemuck::cast_slice(c),
-            usage: wgpu::BufferUsages::STORAGE,
-        });
-        let partials = device.create_buffer(&wgpu::BufferDescriptor {
-            label: None,
-            size: u64::from(groups) * 4,
-            usage: wgpu::BufferUsages::STORAGE,
-            mapped_at_creation: false,
-        });
-        let module = device.create_shader_module(wgpu::ShaderModuleDescriptor {
-            label: None,
-            source: wgpu::ShaderSource::Wgsl(Self::SHADER.into()),
-        });
-        let pipeline = |entry| {
-            device.create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
-                label: None,
-                layout: None,
-                module: &module,
-                entry_point: Some(entry),
-                compilation_options: Default::default(),
-                cache: None,
-            })
-        };
-        let (grad, total) = (pipeline("grad"), pipeline("total"));
-        let b = opt.buffers();
-        let group = |p: &wgpu::ComputePipeline, entries: Vec<(u32, wgpu::BindingResource<'_>)>| {
-            let entries: Vec<_> = entries
-                .into_iter()
-                .map(|(binding, resource)| wgpu::BindGroupEntry { binding, resource })
-                .collect();
-            device.create_bind_group(&wgpu::BindGroupDescriptor {
-                label: None,
-                layout: &p.get_bind_group_layout(0),
-                entries: &entries,
-            })
-        };
-        let grad_group = group(
-            &grad,
-            vec![
-                (
-                    0,
-                    wgpu::BindingResource::Buffer(b.params_bindings("params").unwrap().remove(0)),
-                ),
-                (1, c_buf.as_entire_binding()),
-                (
-                    2,
-                    wgpu::BindingResource::Buffer(b.grads_bindings("params").unwrap().remove(0)),
-                ),
-                (3, partials.as_entire_binding()),
-            ],
-        );
-        let total_group = group(
-            &total,
-            vec![
-                (3, partials.as_entire_binding()),
-                (4, wgpu::BindingResource::Buffer(b.loss_binding())),
-            ],
-        );
-        GpuQuadratic {
-            grad,
-            total,
-            grad_group,
-            total_group,
-            groups,
-        }
-    }
-
-    fn eval(&self, ev: &mut Evaluation<'_>) -> polyak_gpu::Result<(Loss, ())> {
-        let mut pass = ev.encoder().begin_compute_pass(&Default::default());
-        pass.set_pipeline(&self.grad);
-        pass.set_bind_group(0, &self.grad_group, &[]);
-        pass.dispatch_workgroups(self.groups, 1, 1);
-        pass.set_pipeline(&self.total);
-        pass.set_bind_group(0, &self.total_group, &[]);
-        pass.dispatch_workgroups(1, 1, 1);
-        Ok((Loss::Device, ()))
-    }
-}
-
 #[test]
 fn device_loss_and_gradient_agree_with_the_host_path() {
     let ctx = ctx();
@@ -493,7 +279,7 @@ fn device_loss_and_gradient_agree_with_the_host_path() {
     let x0 = random(6, n);
     let cfg = PolyakConfig::default().momentum(0.3).maxiter(30).tol(1e-5);
     let mut gpu = PolyakSgd::new(&ctx, cfg.clone(), &x0).unwrap();
-    let q = GpuQuadratic::new(&gpu, &c);
+    let q = GpuQuadratic::new(&gpu, "params", &c);
     let sg = gpu.run(|ev| q.eval(ev)).unwrap();
 
     let mut host = PolyakSgd::new(&ctx, cfg, &x0).unwrap();
@@ -532,7 +318,7 @@ fn runs_are_bitwise_repeatable_and_l2_optimality_error_matches() {
             &random(9, n),
         )
         .unwrap();
-        let q = GpuQuadratic::new(&opt, &c);
+        let q = GpuQuadratic::new(&opt, "params", &c);
         let s = opt.run(|ev| q.eval(ev)).unwrap();
         let err = opt.l2_optimality_error(|ev| q.eval(ev)).unwrap();
         (

@@ -119,23 +119,26 @@ pub fn two_steps(ctx: &GpuContext, n: usize, momentum: f64, seed: u64) {
     );
 }
 
-/// A GPU objective: 0.5 ||x - c||^2 with gradient and loss written by WGSL kernels
-/// (one invocation per element, then one invocation sums the workgroup partials).
+/// A GPU objective: 0.5 ||x - c||^2 with gradient and loss written by WGSL kernels:
+/// one invocation per element (one dispatch per piece of the tensor), then one
+/// invocation sums the workgroup partials into the loss slot.
 pub struct GpuQuadratic {
     grad: wgpu::ComputePipeline,
     total: wgpu::ComputePipeline,
-    grad_group: wgpu::BindGroup,
+    /// Bind group and workgroup count of each piece.
+    pieces: Vec<(wgpu::BindGroup, u32)>,
     total_group: wgpu::BindGroup,
-    groups: u32,
 }
 
 impl GpuQuadratic {
     const SHADER: &'static str = r#"
+        struct Piece { base: u32, _p0: u32, _p1: u32, _p2: u32 }
         @group(0) @binding(0) var<storage, read> x: array<f32>;
         @group(0) @binding(1) var<storage, read> c: array<f32>;
         @group(0) @binding(2) var<storage, read_write> g: array<f32>;
         @group(0) @binding(3) var<storage, read_write> partials: array<f32>;
         @group(0) @binding(4) var<storage, read_write> loss: array<f32, 1>;
+        @group(0) @binding(5) var<uniform> piece: Piece;
         var<workgroup> part: array<f32, 256>;
         @compute @workgroup_size(256)
         fn grad(@builtin(num_workgroups) nwg: vec3<u32>,
@@ -154,42 +157,68 @@ impl GpuQuadratic {
                 if (lid < s) { part[lid] += part[lid + s]; }
                 workgroupBarrier();
             }
-            if (lid == 0u && group < arrayLength(&partials)) { partials[group] = part[0]; }
+            let n = (arrayLength(&c) + 255u) / 256u;
+            if (lid == 0u && group < n) { partials[piece.base + group] = part[0]; }
         }
-        @compute @workgroup_size(1)
-        fn total() {
+        @compute @workgroup_size(256)
+        fn total(@builtin(local_invocation_index) lid: u32) {
             var acc = 0.0;
-            for (var i = 0u; i < arrayLength(&partials); i++) { acc += partials[i]; }
-            loss[0] = 0.5 * acc;
+            for (var i = lid; i < arrayLength(&partials); i += 256u) { acc += partials[i]; }
+            part[lid] = acc;
+            workgroupBarrier();
+            for (var s = 128u; s > 0u; s >>= 1u) {
+                if (lid < s) { part[lid] += part[lid + s]; }
+                workgroupBarrier();
+            }
+            if (lid == 0u) { loss[0] = 0.5 * part[0]; }
         }"#;
 
-    /// Binds the tensor's (single-segment) parameters and gradient.
+    /// Binds the tensor's parameters and gradient, piece by piece.
     pub fn new(opt: &PolyakSgd, tensor: &str, c: &[f32]) -> Self {
         let b = opt.buffers();
-        let mut x = b.params_bindings(tensor).unwrap();
-        let mut g = b.grads_bindings(tensor).unwrap();
-        assert_eq!(x.len(), 1, "one segment");
-        Self::with_bindings(opt, x.remove(0), g.remove(0), c)
+        let t = b.layout().tensor(tensor).unwrap();
+        let x = b.params_bindings(tensor).unwrap();
+        let g = b.grads_bindings(tensor).unwrap();
+        let pieces: Vec<_> = x
+            .into_iter()
+            .zip(g)
+            .zip(&t.parts)
+            .map(|((x, g), p)| (x, g, p.tensor_offset, p.len))
+            .collect();
+        Self::build(opt, pieces, c)
     }
 
-    /// Binds the given parameter and gradient ranges.
+    /// Binds the given parameter and gradient ranges (one piece).
     pub fn with_bindings(
         opt: &PolyakSgd,
         x: wgpu::BufferBinding<'_>,
         g: wgpu::BufferBinding<'_>,
         c: &[f32],
     ) -> Self {
+        Self::build(opt, vec![(x, g, 0, c.len())], c)
+    }
+
+    fn build(
+        opt: &PolyakSgd,
+        pieces: Vec<(
+            wgpu::BufferBinding<'_>,
+            wgpu::BufferBinding<'_>,
+            usize,
+            usize,
+        )>,
+        c: &[f32],
+    ) -> Self {
         use wgpu::util::DeviceExt;
         let device = opt.context().device();
-        let groups = (c.len() as u32).div_ceil(256);
         let c_buf = device.create_buffer_init(&wgpu::util::BufferInitDescriptor {
             label: None,
             contents: bytemuck::cast_slice(c),
             usage: wgpu::BufferUsages::STORAGE,
         });
+        let groups: Vec<u32> = pieces.iter().map(|p| (p.3 as u32).div_ceil(256)).collect();
         let partials = device.create_buffer(&wgpu::BufferDescriptor {
             label: None,
-            size: u64::from(groups) * 4,
+            size: u64::from(groups.iter().sum::<u32>()) * 4,
             usage: wgpu::BufferUsages::STORAGE,
             mapped_at_creation: false,
         });
@@ -208,7 +237,6 @@ impl GpuQuadratic {
             })
         };
         let (grad, total) = (pipeline("grad"), pipeline("total"));
-        let b = opt.buffers();
         let group = |p: &wgpu::ComputePipeline, entries: Vec<(u32, wgpu::BindingResource<'_>)>| {
             let entries: Vec<_> = entries
                 .into_iter()
@@ -220,37 +248,58 @@ impl GpuQuadratic {
                 entries: &entries,
             })
         };
-        let grad_group = group(
-            &grad,
-            vec![
-                (0, wgpu::BindingResource::Buffer(x)),
-                (1, c_buf.as_entire_binding()),
-                (2, wgpu::BindingResource::Buffer(g)),
-                (3, partials.as_entire_binding()),
-            ],
-        );
+        let mut base = 0u32;
+        let mut bound = Vec::new();
+        for ((x, g, at, len), n) in pieces.into_iter().zip(&groups) {
+            let uniform = device.create_buffer_init(&wgpu::util::BufferInitDescriptor {
+                label: None,
+                contents: bytemuck::cast_slice(&[base, 0, 0, 0]),
+                usage: wgpu::BufferUsages::UNIFORM,
+            });
+            let c_piece = wgpu::BufferBinding {
+                buffer: &c_buf,
+                offset: at as u64 * 4,
+                size: wgpu::BufferSize::new(len as u64 * 4),
+            };
+            let bg = group(
+                &grad,
+                vec![
+                    (0, wgpu::BindingResource::Buffer(x)),
+                    (1, wgpu::BindingResource::Buffer(c_piece)),
+                    (2, wgpu::BindingResource::Buffer(g)),
+                    (3, partials.as_entire_binding()),
+                    (5, uniform.as_entire_binding()),
+                ],
+            );
+            bound.push((bg, *n));
+            base += n;
+        }
         let total_group = group(
             &total,
             vec![
                 (3, partials.as_entire_binding()),
-                (4, wgpu::BindingResource::Buffer(b.loss_binding())),
+                (
+                    4,
+                    wgpu::BindingResource::Buffer(opt.buffers().loss_binding()),
+                ),
             ],
         );
         GpuQuadratic {
             grad,
             total,
-            grad_group,
+            pieces: bound,
             total_group,
-            groups,
         }
     }
 
     pub fn eval(&self, ev: &mut Evaluation<'_>) -> polyak_gpu::Result<(Loss, ())> {
         let mut pass = ev.encoder().begin_compute_pass(&Default::default());
         pass.set_pipeline(&self.grad);
-        pass.set_bind_group(0, &self.grad_group, &[]);
-        let x = self.groups.min(65_535);
-        pass.dispatch_workgroups(x, self.groups.div_ceil(x), 1);
+        for (bg, groups) in &self.pieces {
+            pass.set_bind_group(0, bg, &[]);
+            let x = (*groups).min(65_535);
+            pass.dispatch_workgroups(x, groups.div_ceil(x), 1);
+        }
         pass.set_pipeline(&self.total);
         pass.set_bind_group(0, &self.total_group, &[]);
         pass.dispatch_workgroups(1, 1, 1);

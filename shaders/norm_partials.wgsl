@@ -21,6 +21,10 @@ struct Geometry {
 @group(0) @binding(2) var<uniform> geo: Geometry;
 
 const WG: u32 = 256u;
+// Whether each invocation walks a contiguous run of the chunk (CPU adapters, which
+// run a workgroup's invocations one SIMD batch after another) instead of striding
+// by the workgroup size (GPUs, whose invocations load side by side). Set per device.
+override CONTIGUOUS: bool = false;
 var<workgroup> sums: array<f32, WG>;
 
 @compute @workgroup_size(256)
@@ -32,8 +36,17 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
     let start = group * geo.chunk;
     let end = min(start + geo.chunk, geo.n4);
     // Four independent lanes shorten each running sum by four.
+    var i = start + lid;
+    var stop = end;
+    var stride = WG;
+    if (CONTIGUOUS) {
+        let per = (end - start + WG - 1u) / WG;
+        i = start + lid * per;
+        stop = min(i + per, end);
+        stride = 1u;
+    }
     var acc = vec4<f32>(0.0);
-    for (var i = start + lid; i < end; i += WG) {
+    for (; i < stop; i += stride) {
         let g = grads[i];
         acc += g * g;
     }

@@ -33,6 +33,19 @@ struct Step {
 @group(0) @binding(4) var<uniform> rule: Step;
 
 const WG: u32 = 256u;
+// Whether each invocation walks a contiguous run of the chunk (CPU adapters) instead
+// of striding by the workgroup size (GPUs). Set per device at pipeline creation.
+override CONTIGUOUS: bool = false;
+
+// Invocation `lid`'s first index, end and stride inside the chunk [start, end).
+fn walk(start: u32, end: u32, lid: u32) -> vec3<u32> {
+    if (CONTIGUOUS) {
+        let per = (end - start + WG - 1u) / WG;
+        let first = start + lid * per;
+        return vec3<u32>(first, min(first + per, end), 1u);
+    }
+    return vec3<u32>(start + lid, end, WG);
+}
 
 @compute @workgroup_size(256)
 fn momentum(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
@@ -41,8 +54,8 @@ fn momentum(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_ind
         return;
     }
     let start = group * geo.chunk;
-    let end = min(start + geo.chunk, geo.n4);
-    for (var i = start + lid; i < end; i += WG) {
+    let w = walk(start, min(start + geo.chunk, geo.n4), lid);
+    for (var i = w.x; i < w.y; i += w.z) {
         let v = rule.momentum * velocity[i] - rule.step * grads[i];
         velocity[i] = v;
         params[i] = params[i] + v;
@@ -56,9 +69,9 @@ fn plain(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index)
         return;
     }
     let start = group * geo.chunk;
-    let end = min(start + geo.chunk, geo.n4);
+    let w = walk(start, min(start + geo.chunk, geo.n4), lid);
     let neg_step = -rule.step;
-    for (var i = start + lid; i < end; i += WG) {
+    for (var i = w.x; i < w.y; i += w.z) {
         params[i] = params[i] + neg_step * grads[i];
     }
 }

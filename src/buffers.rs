@@ -465,13 +465,24 @@ fn needs(buffer: &wgpu::Buffer, usage: wgpu::BufferUsages, tensor: &str) -> Resu
 }
 
 /// Reads `size` bytes of `buffer` (which needs COPY_SRC) from `offset` into a new
-/// host vector, through a temporary MAP_READ buffer.
+/// host vector of f32, through a temporary MAP_READ buffer.
 pub(crate) fn read_buffer(
     ctx: &GpuContext,
     buffer: &wgpu::Buffer,
     offset: u64,
     size: u64,
 ) -> Result<Vec<f32>> {
+    let bytes = read_bytes(ctx, buffer, offset, size)?;
+    Ok(bytemuck::pod_collect_to_vec(&bytes))
+}
+
+/// Reads `size` bytes of `buffer` from `offset` (submits and waits).
+pub(crate) fn read_bytes(
+    ctx: &GpuContext,
+    buffer: &wgpu::Buffer,
+    offset: u64,
+    size: u64,
+) -> Result<Vec<u8>> {
     let device = ctx.device();
     let staging = device.create_buffer(&wgpu::BufferDescriptor {
         label: Some("polyak download"),
@@ -491,13 +502,11 @@ pub(crate) fn read_buffer(
     if *ok.lock().unwrap() != Some(true) {
         return Err(Error::Device("mapping a download buffer failed".into()));
     }
-    let out = {
-        let view = staging
-            .slice(..)
-            .get_mapped_range()
-            .map_err(|e| Error::Device(e.to_string()))?;
-        bytemuck::cast_slice::<u8, f32>(&view).to_vec()
-    };
+    let out = staging
+        .slice(..)
+        .get_mapped_range()
+        .map_err(|e| Error::Device(e.to_string()))?
+        .to_vec();
     staging.unmap();
     Ok(out)
 }

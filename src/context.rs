@@ -26,6 +26,11 @@ pub struct ContextOptions {
     /// vector). `None` uses the device's limits. Lowering it makes the multi-segment
     /// paths run at small sizes, e.g. in tests on a software adapter.
     pub max_segment_elements: Option<usize>,
+    /// Whether each kernel invocation walks one contiguous run of its workgroup's
+    /// chunk (good where a workgroup's invocations run one after another, as on
+    /// lavapipe) rather than striding by the workgroup size (good on GPUs). `None`
+    /// picks by device type.
+    pub contiguous_invocations: Option<bool>,
 }
 
 /// A wgpu device and queue, plus what the kernels need to know about them.
@@ -39,6 +44,7 @@ pub struct GpuContext {
     limits: wgpu::Limits,
     max_workgroups: u32,
     max_segment_elements: Option<usize>,
+    contiguous_invocations: bool,
 }
 
 impl GpuContext {
@@ -74,7 +80,8 @@ impl GpuContext {
         let (device, queue) = adapter
             .request_device(&wgpu::DeviceDescriptor {
                 label: Some("polyak-gpu"),
-                required_features: wgpu::Features::empty(),
+                // Timestamps only serve the phase timings of benchmarks; free to ask.
+                required_features: adapter.features() & wgpu::Features::TIMESTAMP_QUERY,
                 required_limits: adapter.limits(),
                 ..Default::default()
             })
@@ -85,6 +92,9 @@ impl GpuContext {
             .max_workgroups
             .unwrap_or_else(|| default_max_workgroups(info.device_type));
         ctx.max_segment_elements = options.max_segment_elements;
+        ctx.contiguous_invocations = options
+            .contiguous_invocations
+            .unwrap_or(info.device_type == wgpu::DeviceType::Cpu);
         ctx.info = Some(info);
         Ok(ctx)
     }
@@ -160,6 +170,7 @@ impl GpuContext {
             limits,
             max_workgroups: default_max_workgroups(wgpu::DeviceType::DiscreteGpu),
             max_segment_elements: None,
+            contiguous_invocations: false,
         }
     }
 
@@ -177,6 +188,24 @@ impl GpuContext {
     /// The segment size cap set by the caller, if any.
     pub fn max_segment_elements(&self) -> Option<usize> {
         self.max_segment_elements
+    }
+
+    /// Whether kernel invocations walk contiguous runs (see
+    /// [`ContextOptions::contiguous_invocations`]).
+    pub fn contiguous_invocations(&self) -> bool {
+        self.contiguous_invocations
+    }
+
+    /// The pipeline-overridable constants every kernel of this crate takes.
+    pub fn kernel_constants(&self) -> [(&'static str, f64); 1] {
+        [(
+            "CONTIGUOUS",
+            if self.contiguous_invocations {
+                1.0
+            } else {
+                0.0
+            },
+        )]
     }
 
     /// The wgpu device.
@@ -226,11 +255,12 @@ impl GpuContext {
 
 fn default_max_workgroups(kind: wgpu::DeviceType) -> u32 {
     match kind {
-        // lavapipe runs a workgroup's lanes one after another and pays per workgroup:
-        // a few contiguous chunks per core is best there.
+        // lavapipe runs a workgroup's SIMD batches one after another and pays per
+        // workgroup: with contiguous runs per invocation, 16 chunks per core measured
+        // best at 1e6 and 1e7 parameters (polyak-bench --max-workgroups 2..128).
         wgpu::DeviceType::Cpu => {
             let cores = std::thread::available_parallelism().map_or(4, |n| n.get());
-            (cores * 4) as u32
+            (cores * 16) as u32
         }
         _ => 8192,
     }

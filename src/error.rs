@@ -79,6 +79,9 @@ pub enum Error {
     /// `run_iterator` was given an iterator with no batch at all.
     #[error("run_iterator needs at least one batch (the first goes to init_state)")]
     EmptyIterator,
+    /// The device could not allocate the optimizer's buffers.
+    #[error("out of device memory: {0}")]
+    OutOfMemory(String),
     /// Mapping a buffer for reading failed, or a device operation failed.
     #[error("device error: {0}")]
     Device(String),

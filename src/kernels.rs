@@ -74,14 +74,22 @@ pub(crate) struct Kernels {
     momentum: f32,
 }
 
-fn pipeline(ctx: &GpuContext, module: &wgpu::ShaderModule, entry: &str) -> wgpu::ComputePipeline {
+fn pipeline(
+    ctx: &GpuContext,
+    module: &wgpu::ShaderModule,
+    entry: &str,
+    constants: &[(&str, f64)],
+) -> wgpu::ComputePipeline {
     ctx.device()
         .create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
             label: Some(entry),
             layout: None,
             module,
             entry_point: Some(entry),
-            compilation_options: Default::default(),
+            compilation_options: wgpu::PipelineCompilationOptions {
+                constants,
+                ..Default::default()
+            },
             cache: None,
         })
 }
@@ -153,13 +161,15 @@ impl Kernels {
             include_str!("../shaders/norm_final.wgsl"),
         );
         let update_mod = module(ctx, "update", include_str!("../shaders/update.wgsl"));
-        let norm_pipeline = pipeline(ctx, &norm_mod, "main");
-        let final_pipeline = pipeline(ctx, &final_mod, "main");
+        let constants = ctx.kernel_constants();
+        let norm_pipeline = pipeline(ctx, &norm_mod, "main", &constants);
+        let final_pipeline = pipeline(ctx, &final_mod, "main", &[]);
         let with_velocity = bufs.has_velocity();
         let update_pipeline = pipeline(
             ctx,
             &update_mod,
             if with_velocity { "momentum" } else { "plain" },
+            &constants,
         );
 
         let base: u32 = geometries.iter().map(|g| g.groups).sum();
@@ -244,10 +254,14 @@ impl Kernels {
     }
 
     /// Records both norm passes: the squared gradient norm lands in `scalars[1]`.
-    pub fn encode_norm(&self, encoder: &mut wgpu::CommandEncoder) {
+    pub fn encode_norm(
+        &self,
+        encoder: &mut wgpu::CommandEncoder,
+        timestamps: Option<wgpu::ComputePassTimestampWrites<'_>>,
+    ) {
         let mut pass = encoder.begin_compute_pass(&wgpu::ComputePassDescriptor {
             label: Some("polyak norm"),
-            timestamp_writes: None,
+            timestamp_writes: timestamps,
         });
         pass.set_pipeline(&self.norm_pipeline);
         for (bg, g) in self.norm_groups.iter().zip(&self.geometries) {
@@ -271,10 +285,14 @@ impl Kernels {
     }
 
     /// Records the fused update of every segment.
-    pub fn encode_update(&self, encoder: &mut wgpu::CommandEncoder) {
+    pub fn encode_update(
+        &self,
+        encoder: &mut wgpu::CommandEncoder,
+        timestamps: Option<wgpu::ComputePassTimestampWrites<'_>>,
+    ) {
         let mut pass = encoder.begin_compute_pass(&wgpu::ComputePassDescriptor {
             label: Some("polyak update"),
-            timestamp_writes: None,
+            timestamp_writes: timestamps,
         });
         pass.set_pipeline(&self.update_pipeline);
         for (bg, g) in self.update_groups.iter().zip(&self.geometries) {
@@ -341,7 +359,7 @@ mod tests {
         bufs.upload_params(&p).unwrap();
         let mut enc = ctx.device().create_command_encoder(&Default::default());
         bufs.clear_velocity(&mut enc);
-        kernels.encode_norm(&mut enc);
+        kernels.encode_norm(&mut enc, None);
         bufs.encode_scalars_readback(&mut enc);
         ctx.queue().submit([enc.finish()]);
         let [_, sqnorm] = bufs.read_scalars().unwrap();
@@ -353,7 +371,7 @@ mod tests {
 
         kernels.write_step(ctx.queue(), 0.25);
         let mut enc = ctx.device().create_command_encoder(&Default::default());
-        kernels.encode_update(&mut enc);
+        kernels.encode_update(&mut enc, None);
         ctx.queue().submit([enc.finish()]);
         let got = bufs.download_params().unwrap();
         let vel = bufs.download_velocity().unwrap().unwrap();

@@ -16,6 +16,7 @@
 //!   as a baseline; never used as a fallback.
 //! - [`conformance`]: replays jaxopt's recorded trajectories.
 
+pub mod bench;
 pub mod buffers;
 pub mod config;
 pub mod conformance;
@@ -35,7 +36,7 @@ pub use context::{AdapterChoice, ContextOptions, GpuContext};
 pub use error::{Error, Result};
 pub use evaluation::Evaluation;
 pub use layout::{Layout, TensorId, TensorKey, TensorSpec};
-pub use solver::{PolyakSgd, PolyakSgdBuilder, PreUpdate};
+pub use solver::{PhaseTimes, PolyakSgd, PolyakSgdBuilder, PreUpdate};
 pub use state::{Loss, State};
 pub use stepsize::{Precision, polyak_stepsize};
 

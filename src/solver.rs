@@ -27,6 +27,22 @@ pub struct PreUpdate<'a> {
     pub stepsize: f64,
 }
 
+/// Median device times of the phases of a step ([`PolyakSgd::time_phases`]).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct PhaseTimes {
+    /// Both norm passes, in milliseconds.
+    pub norm_ms: f64,
+    /// The fused update, in milliseconds.
+    pub update_ms: f64,
+    /// Whether these come from GPU timestamps (else from the wall clock).
+    pub gpu_timestamps: bool,
+}
+
+fn median(v: &mut [f64]) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
 type PreUpdateHook = dyn FnMut(&PreUpdate<'_>) -> Result<()>;
 
 /// Collects the tensors of a [`PolyakSgd`]. Layout order: the owned tensors in the
@@ -78,11 +94,22 @@ impl PolyakSgdBuilder {
             layout.place_external(&e.spec)?;
         }
         let layout = layout.finish()?;
-        // A buffer of another device shows up as a validation error when bound.
+        // A buffer of another device shows up as a validation error when bound; a
+        // model too large for the device as an out-of-memory error.
+        let oom = ctx
+            .device()
+            .push_error_scope(wgpu::ErrorFilter::OutOfMemory);
         let scope = ctx.device().push_error_scope(wgpu::ErrorFilter::Validation);
         let buffers = ParamBuffers::new(&ctx, layout, config.momentum != 0.0, &external);
         let kernels = Kernels::new(&ctx, &buffers, config.momentum);
-        if let Some(e) = pollster::block_on(scope.pop()) {
+        let invalid = pollster::block_on(scope.pop());
+        if let Some(e) = pollster::block_on(oom.pop()) {
+            return Err(Error::OutOfMemory(format!(
+                "{} bytes of vectors: {e}",
+                buffers.device_bytes()
+            )));
+        }
+        if let Some(e) = invalid {
             return Err(Error::Registration {
                 tensor: external
                     .iter()
@@ -155,6 +182,12 @@ impl PolyakSgd {
         Ok(opt)
     }
 
+    /// One parameter vector `"params"` of `n` zeros, made without any host copy (for
+    /// parameters initialised on the device).
+    pub fn new_zeroed(ctx: &GpuContext, config: PolyakConfig, n: usize) -> Result<Self> {
+        Self::with_tensors(ctx, config, &[TensorSpec::new("params", &[n])])
+    }
+
     /// Several named tensors of any shapes sharing one global norm and one update
     /// (a pytree), all initialised to zero; upload with [`ParamBuffers::upload_tensor`].
     pub fn with_tensors(
@@ -210,6 +243,69 @@ impl PolyakSgd {
     /// objective's): two per segment plus one, whatever the number of tensors.
     pub fn dispatches_per_step(&self) -> usize {
         self.kernels.dispatches_per_step()
+    }
+
+    /// For benchmarks: times the two phases of a step on the device, `reps` times
+    /// each, and returns their medians in milliseconds. Uses GPU timestamps where the
+    /// adapter has them, else the wall clock of each phase submitted alone and waited
+    /// for. Runs `reps` norms of the current gradient and `reps` updates with the
+    /// last step size, so it changes the parameters (and velocity) like `reps` steps.
+    pub fn time_phases(&mut self, reps: usize) -> Result<PhaseTimes> {
+        let reps = reps.max(1);
+        let device = self.ctx.device();
+        let mut norm = Vec::with_capacity(reps);
+        let mut update = Vec::with_capacity(reps);
+        if device.features().contains(wgpu::Features::TIMESTAMP_QUERY) {
+            let set = device.create_query_set(&wgpu::QuerySetDescriptor {
+                label: Some("polyak phases"),
+                ty: wgpu::QueryType::Timestamp,
+                count: 4,
+            });
+            let resolve = device.create_buffer(&wgpu::BufferDescriptor {
+                label: Some("polyak phases resolve"),
+                size: 32,
+                usage: wgpu::BufferUsages::QUERY_RESOLVE | wgpu::BufferUsages::COPY_SRC,
+                mapped_at_creation: false,
+            });
+            let period = f64::from(self.ctx.queue().get_timestamp_period()) * 1e-6; // ns -> ms
+            for _ in 0..reps {
+                let mut encoder = self.encoder();
+                let writes = |b, e| wgpu::ComputePassTimestampWrites {
+                    query_set: &set,
+                    beginning_of_pass_write_index: Some(b),
+                    end_of_pass_write_index: Some(e),
+                };
+                self.kernels.encode_norm(&mut encoder, Some(writes(0, 1)));
+                self.kernels.encode_update(&mut encoder, Some(writes(2, 3)));
+                encoder.resolve_query_set(&set, 0..4, &resolve, 0);
+                self.ctx.queue().submit([encoder.finish()]);
+                let raw = crate::buffers::read_bytes(&self.ctx, &resolve, 0, 32)?;
+                let t: &[u64] = bytemuck::cast_slice(&raw);
+                norm.push(t[1].wrapping_sub(t[0]) as f64 * period);
+                update.push(t[3].wrapping_sub(t[2]) as f64 * period);
+            }
+        } else {
+            self.ctx.wait()?;
+            for _ in 0..reps {
+                let t0 = std::time::Instant::now();
+                let mut encoder = self.encoder();
+                self.kernels.encode_norm(&mut encoder, None);
+                self.ctx.queue().submit([encoder.finish()]);
+                self.ctx.wait()?;
+                let t1 = std::time::Instant::now();
+                let mut encoder = self.encoder();
+                self.kernels.encode_update(&mut encoder, None);
+                self.ctx.queue().submit([encoder.finish()]);
+                self.ctx.wait()?;
+                norm.push((t1 - t0).as_secs_f64() * 1e3);
+                update.push(t1.elapsed().as_secs_f64() * 1e3);
+            }
+        }
+        Ok(PhaseTimes {
+            norm_ms: median(&mut norm),
+            update_ms: median(&mut update),
+            gpu_timestamps: device.features().contains(wgpu::Features::TIMESTAMP_QUERY),
+        })
     }
 
     /// Sets jaxopt's `pre_update`: called at the start of every `update`, before the
@@ -269,7 +365,7 @@ impl PolyakSgd {
             buffers: &self.buffers,
             encoder: &mut encoder,
         })?;
-        self.kernels.encode_norm(&mut encoder);
+        self.kernels.encode_norm(&mut encoder, None);
         self.buffers.encode_scalars_readback(&mut encoder);
         self.ctx.queue().submit([encoder.finish()]);
         let [device_loss, sqnorm] = self.buffers.read_scalars()?;
@@ -314,7 +410,7 @@ impl PolyakSgd {
         }
         self.kernels.write_step(self.ctx.queue(), stepsize as f32);
         let mut encoder = self.encoder();
-        self.kernels.encode_update(&mut encoder);
+        self.kernels.encode_update(&mut encoder, None);
         self.ctx.queue().submit([encoder.finish()]);
         let next = State {
             iter_num: state.iter_num + 1,

@@ -343,3 +343,21 @@ fn runs_are_bitwise_repeatable_and_l2_optimality_error_matches() {
         .sqrt();
     assert!((e1 - exact).abs() <= 1e-5 * exact, "{e1} vs {exact}");
 }
+
+#[test]
+fn both_invocation_walks_give_the_same_step() {
+    // CPU adapters walk contiguous runs, GPUs stride by the workgroup: test both here.
+    for contiguous in [false, true] {
+        let ctx = polyak_gpu::GpuContext::with_options(polyak_gpu::ContextOptions {
+            contiguous_invocations: Some(contiguous),
+            max_workgroups: Some(7),
+            ..Default::default()
+        })
+        .unwrap();
+        assert_eq!(ctx.contiguous_invocations(), contiguous);
+        for n in [1, 257, 4 * 256 * 7 + 5, 300_007] {
+            two_steps(&ctx, n, 0.9, 70 + n as u64);
+            two_steps(&ctx, n, 0.0, 71 + n as u64);
+        }
+    }
+}

@@ -1,0 +1,48 @@
+//! criterion benches of the norm, the update and a whole step, on whatever adapter
+//! wgpu picks (lavapipe here): `cargo bench --bench step`.
+
+use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
+use polyak_gpu::{GpuContext, Loss, PolyakConfig, PolyakSgd, bench};
+
+fn steps(c: &mut Criterion) {
+    let ctx = GpuContext::new().expect("a wgpu adapter");
+    let mut group = c.benchmark_group(format!("polyak step on {}", ctx.describe()));
+    group.sample_size(20);
+    for n in [10_000usize, 100_000, 1_000_000] {
+        let cfg = PolyakConfig::default().momentum(0.9).max_stepsize(1e-3);
+        let mut opt = PolyakSgd::new(&ctx, cfg, &vec![0.0; n]).unwrap();
+        bench::fill(&opt, true, 1, 1.0).unwrap();
+        bench::fill(&opt, false, 2, 1e-3).unwrap();
+        let keep = |_: &mut polyak_gpu::Evaluation<'_>| Ok((Loss::Host(0.5), ()));
+        let mut state = opt.init_state(keep).unwrap();
+        group.throughput(Throughput::Bytes(24 * n as u64));
+        group.bench_with_input(
+            BenchmarkId::new("step (norm + readback + update)", n),
+            &n,
+            |b, _| {
+                b.iter(|| {
+                    state = opt.update(&state, keep).unwrap();
+                })
+            },
+        );
+        group.bench_with_input(BenchmarkId::new("norm + readback", n), &n, |b, _| {
+            b.iter(|| opt.l2_optimality_error(keep).unwrap())
+        });
+        group.bench_with_input(
+            BenchmarkId::new("norm and update, device time", n),
+            &n,
+            |b, _| {
+                b.iter_custom(|iters| {
+                    let t = opt.time_phases(iters as usize).unwrap();
+                    std::time::Duration::from_secs_f64(
+                        (t.norm_ms + t.update_ms) * 1e-3 * iters as f64,
+                    )
+                })
+            },
+        );
+    }
+    group.finish();
+}
+
+criterion_group!(benches, steps);
+criterion_main!(benches);

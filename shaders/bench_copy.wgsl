@@ -1,0 +1,46 @@
+// Benchmark ceiling: copies `src` to `dst` with the same chunked geometry as the
+// optimizer's kernels. Its bytes per second (8 per element) set the floor that
+// polyak-bench compares a step against.
+
+struct Geometry {
+    n4: u32,       // vec4s to copy
+    chunk: u32,    // vec4s per workgroup
+    groups_x: u32, // workgroups along x
+    groups: u32,   // workgroups with work
+    _pad0: u32,
+    _pad1: u32,
+    _pad2: u32,
+    _pad3: u32,
+}
+
+// binding 0: the source.
+@group(0) @binding(0) var<storage, read> src: array<vec4<f32>>;
+// binding 1: the destination.
+@group(0) @binding(1) var<storage, read_write> dst: array<vec4<f32>>;
+// binding 2: the dispatch geometry.
+@group(0) @binding(2) var<uniform> geo: Geometry;
+
+// As in the optimizer's kernels: contiguous runs per invocation on CPU adapters.
+override CONTIGUOUS: bool = false;
+
+@compute @workgroup_size(256)
+fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
+    let group = wid.y * geo.groups_x + wid.x;
+    if (group >= geo.groups) {
+        return;
+    }
+    let start = group * geo.chunk;
+    let end = min(start + geo.chunk, geo.n4);
+    var i = start + lid;
+    var stop = end;
+    var stride = 256u;
+    if (CONTIGUOUS) {
+        let per = (end - start + 255u) / 256u;
+        i = start + lid * per;
+        stop = min(i + per, end);
+        stride = 1u;
+    }
+    for (; i < stop; i += stride) {
+        dst[i] = src[i];
+    }
+}

@@ -1,0 +1,380 @@
+//! polyak-bench: times a Polyak step per size against the memory-bandwidth floor and
+//! a multi-threaded CPU baseline.
+//!
+//! ```text
+//! cargo run --release --bin polyak-bench -- --sizes 1e4,1e6,1e7,1e8 --momentum both --json out.json
+//! ```
+
+use indicatif::{ProgressBar, ProgressStyle};
+use polyak_gpu::bench::{CopyBench, CpuBaseline, fill};
+use polyak_gpu::{
+    AdapterChoice, ContextOptions, Evaluation, GpuContext, Loss, PolyakConfig, PolyakSgd, Result,
+};
+use serde_json::{Value, json};
+use std::time::Instant;
+
+const HELP: &str = "polyak-bench: ms per Polyak step vs the copy-rate floor and a CPU baseline
+
+options:
+  --sizes LIST        parameter counts, e.g. 1e4,1e6,1e7,1e8 (default)
+  --momentum M        on | off | both (default both)
+  --adapter A         gpu (default: high-performance adapter) | software (lavapipe)
+  --reps N            timed steps per size after warm-up (default 20)
+  --warmup N          untimed steps first (default 3)
+  --cpu-max N         largest size for the CPU baseline (default 1e9)
+  --max-workgroups N  cap on workgroups per dispatch (default: by adapter)
+  --json FILE         also write the results as JSON
+";
+
+struct Args {
+    sizes: Vec<usize>,
+    momentum: Vec<bool>,
+    adapter: AdapterChoice,
+    reps: usize,
+    warmup: usize,
+    cpu_max: usize,
+    max_workgroups: Option<u32>,
+    json: Option<String>,
+}
+
+fn parse_count(s: &str) -> std::result::Result<usize, String> {
+    s.trim()
+        .parse::<f64>()
+        .ok()
+        .filter(|x| *x >= 1.0 && x.is_finite())
+        .map(|x| x as usize)
+        .ok_or_else(|| format!("not a count: {s:?}"))
+}
+
+fn parse_args() -> std::result::Result<Args, String> {
+    let mut a = Args {
+        sizes: vec![10_000, 1_000_000, 10_000_000, 100_000_000],
+        momentum: vec![true, false],
+        adapter: AdapterChoice::HighPerformance,
+        reps: 20,
+        warmup: 3,
+        cpu_max: 1_000_000_000,
+        max_workgroups: None,
+        json: None,
+    };
+    let mut it = std::env::args().skip(1);
+    while let Some(flag) = it.next() {
+        if flag == "--help" || flag == "-h" {
+            return Err(String::new());
+        }
+        let value = it.next().ok_or_else(|| format!("{flag} needs a value"))?;
+        match flag.as_str() {
+            "--sizes" => {
+                a.sizes = value
+                    .split(',')
+                    .map(parse_count)
+                    .collect::<std::result::Result<_, _>>()?
+            }
+            "--momentum" => {
+                a.momentum = match value.as_str() {
+                    "on" => vec![true],
+                    "off" => vec![false],
+                    "both" => vec![true, false],
+                    _ => return Err(format!("--momentum on|off|both, not {value:?}")),
+                }
+            }
+            "--adapter" => {
+                a.adapter = match value.as_str() {
+                    "gpu" => AdapterChoice::HighPerformance,
+                    "software" => AdapterChoice::Software,
+                    _ => return Err(format!("--adapter gpu|software, not {value:?}")),
+                }
+            }
+            "--reps" => a.reps = parse_count(&value)?,
+            "--warmup" => a.warmup = parse_count(&value).unwrap_or(0),
+            "--cpu-max" => a.cpu_max = parse_count(&value)?,
+            "--max-workgroups" => a.max_workgroups = Some(parse_count(&value)? as u32),
+            "--json" => a.json = Some(value),
+            _ => return Err(format!("unknown option {flag}")),
+        }
+    }
+    Ok(a)
+}
+
+fn stats(v: &mut [f64]) -> (f64, f64, f64) {
+    v.sort_by(f64::total_cmp);
+    let at = |q: f64| v[((v.len() - 1) as f64 * q).round() as usize];
+    (at(0.5), at(0.1), at(0.9))
+}
+
+/// Host memory the process holds at its peak (Linux; 0 elsewhere).
+fn peak_rss_mib() -> f64 {
+    std::fs::read_to_string("/proc/self/status")
+        .unwrap_or_default()
+        .lines()
+        .find(|l| l.starts_with("VmHWM:"))
+        .and_then(|l| l.split_whitespace().nth(1)?.parse::<f64>().ok())
+        .map_or(0.0, |kb| kb / 1024.0)
+}
+
+/// Host memory available now, in bytes (Linux; `u64::MAX` elsewhere).
+fn available_bytes() -> u64 {
+    std::fs::read_to_string("/proc/meminfo")
+        .unwrap_or_default()
+        .lines()
+        .find(|l| l.starts_with("MemAvailable:"))
+        .and_then(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
+        .map_or(u64::MAX, |kb| kb * 1024)
+}
+
+fn keep(_: &mut Evaluation<'_>) -> Result<(Loss, ())> {
+    // The gradient is already in place (filled on the device); the loss is fixed.
+    Ok((Loss::Host(0.5), ()))
+}
+
+/// Median ms per step of `opt` over `reps` steps after `warmup`.
+fn time_steps(opt: &mut PolyakSgd, warmup: usize, reps: usize) -> Result<Vec<f64>> {
+    let mut state = opt.init_state(keep)?;
+    for _ in 0..warmup {
+        state = opt.update(&state, keep)?;
+    }
+    opt.context().wait()?;
+    let mut times = Vec::with_capacity(reps);
+    for i in 0..reps {
+        let t0 = Instant::now();
+        state = opt.update(&state, keep)?;
+        if i + 1 == reps {
+            opt.context().wait()?; // the last update is not waited for by a next step
+        }
+        times.push(t0.elapsed().as_secs_f64() * 1e3);
+    }
+    Ok(times)
+}
+
+fn config(momentum: bool) -> PolyakConfig {
+    // A tiny cap keeps parameters bounded however many steps the benchmark takes.
+    PolyakConfig::default()
+        .momentum(if momentum { 0.9 } else { 0.0 })
+        .max_stepsize(1e-3)
+}
+
+fn main() {
+    let args = match parse_args() {
+        Ok(a) => a,
+        Err(e) => {
+            if !e.is_empty() {
+                eprintln!("{e}\n");
+            }
+            eprint!("{HELP}");
+            std::process::exit(if e.is_empty() { 0 } else { 2 });
+        }
+    };
+    if let Err(e) = run(&args) {
+        eprintln!("polyak-bench: {e}");
+        std::process::exit(1);
+    }
+}
+
+fn run(args: &Args) -> Result<()> {
+    let ctx = GpuContext::with_options(ContextOptions {
+        adapter: args.adapter,
+        max_workgroups: args.max_workgroups,
+        ..Default::default()
+    })?;
+    let info = ctx.adapter_info().cloned();
+    let is_cpu = info
+        .as_ref()
+        .is_some_and(|i| i.device_type == wgpu::DeviceType::Cpu);
+    let timestamps = ctx
+        .device()
+        .features()
+        .contains(wgpu::Features::TIMESTAMP_QUERY);
+    println!("adapter: {}", ctx.describe());
+    println!(
+        "phase times from {}; {} workgroups max per dispatch",
+        if timestamps {
+            "GPU timestamps"
+        } else {
+            "wall clock"
+        },
+        ctx.max_workgroups()
+    );
+
+    let cap = ctx
+        .limits()
+        .max_storage_buffer_binding_size
+        .min(ctx.limits().max_buffer_size)
+        / 4;
+    let copy_n = (1usize << 26).min(cap as usize);
+    let copy_gbps = CopyBench::new(&ctx, copy_n).gbps(20)?;
+    println!("copy rate: {copy_gbps:.1} GB/s (vec4 copy kernel, {copy_n} f32, read + write)");
+
+    // Fixed cost of a step: 4 parameters, so everything but the round trip is nil.
+    let mut tiny = PolyakSgd::new(&ctx, config(true), &[0.5; 4])?;
+    fill(&tiny, false, 3, 1e-3)?;
+    let (overhead_ms, _, _) = stats(&mut time_steps(
+        &mut tiny,
+        args.warmup.max(3),
+        args.reps.max(20),
+    )?);
+    drop(tiny);
+    println!("fixed per-step overhead (N = 4): {overhead_ms:.4} ms\n");
+
+    let total = args.sizes.len() * args.momentum.len();
+    let bar = ProgressBar::new(total as u64);
+    bar.set_style(
+        ProgressStyle::with_template("{bar:30} {pos}/{len} {msg}")
+            .unwrap_or_else(|_| ProgressStyle::default_bar()),
+    );
+    let mut rows = Vec::new();
+    for &n in &args.sizes {
+        for &momentum in &args.momentum {
+            bar.set_message(format!(
+                "N = {n:e}, momentum {}",
+                if momentum { "on" } else { "off" }
+            ));
+            rows.push(measure(&ctx, args, n, momentum, copy_gbps, is_cpu));
+            bar.inc(1);
+        }
+    }
+    bar.finish_and_clear();
+
+    println!(
+        "{:>12} {:>4} {:>10} {:>17} {:>9} {:>9} {:>8} {:>9} {:>7} {:>10} {:>8}",
+        "N",
+        "mom",
+        "step ms",
+        "p10-p90 ms",
+        "norm ms",
+        "upd ms",
+        "GB/s",
+        "floor ms",
+        "%floor",
+        "CPU ms",
+        "CPU/GPU"
+    );
+    for r in &rows {
+        let f = |k: &str| r[k].as_f64().unwrap_or(f64::NAN);
+        if let Some(e) = r.get("error") {
+            println!(
+                "{:>12} {:>4}  {}",
+                r["n"],
+                mom(r),
+                e.as_str().unwrap_or("?")
+            );
+            continue;
+        }
+        println!(
+            "{:>12} {:>4} {:>10.4} {:>8.4}-{:<8.4} {:>9.4} {:>9.4} {:>8.1} {:>9.4} {:>6.1}% {:>10} {:>8}",
+            r["n"],
+            mom(r),
+            f("step_ms"),
+            f("step_ms_p10"),
+            f("step_ms_p90"),
+            f("norm_ms"),
+            f("update_ms"),
+            f("gbps"),
+            f("floor_ms"),
+            f("pct_of_floor"),
+            r["cpu_ms"]
+                .as_f64()
+                .map_or("-".into(), |v| format!("{v:.4}")),
+            r["cpu_ms"]
+                .as_f64()
+                .map_or("-".into(), |v| format!("{:.1}x", v / f("step_ms"))),
+        );
+    }
+    println!("\nfloor = bytes per parameter (24 with momentum, 16 without) x N / copy rate;");
+    println!("%floor = floor / step time (100% = as fast as a copy of the same bytes)");
+    println!("peak host RSS: {:.0} MiB", peak_rss_mib());
+
+    if let Some(path) = &args.json {
+        let out = json!({
+            "tool": "polyak-bench",
+            "adapter": info.as_ref().map(|i| i.name.clone()),
+            "backend": info.as_ref().map(|i| format!("{:?}", i.backend)),
+            "driver": info.as_ref().map(|i| format!("{} {}", i.driver, i.driver_info)),
+            "timestamps": timestamps,
+            "max_workgroups": ctx.max_workgroups(),
+            "copy_GBps": copy_gbps,
+            "overhead_ms": overhead_ms,
+            "peak_rss_MiB": peak_rss_mib(),
+            "rows": rows,
+        });
+        std::fs::write(path, serde_json::to_string_pretty(&out).unwrap_or_default())
+            .map_err(|e| polyak_gpu::Error::Data(format!("{path}: {e}")))?;
+        println!("wrote {path}");
+    }
+    Ok(())
+}
+
+fn mom(r: &Value) -> &'static str {
+    if r["momentum"].as_bool() == Some(true) {
+        "on"
+    } else {
+        "off"
+    }
+}
+
+fn measure(
+    ctx: &GpuContext,
+    args: &Args,
+    n: usize,
+    momentum: bool,
+    copy_gbps: f64,
+    is_cpu: bool,
+) -> Value {
+    let bytes_per_param = if momentum { 24 } else { 16 };
+    let mut row = json!({"n": n, "momentum": momentum, "bytes_per_param": bytes_per_param});
+    let vectors = (n as u64) * if momentum { 12 } else { 8 };
+    // On a CPU adapter the "device" memory is host memory: leave room for the baseline.
+    if is_cpu && 2 * vectors > available_bytes() {
+        row["error"] = json!(format!(
+            "skipped: {} GB of vectors do not fit in host memory",
+            vectors as f64 / 1e9
+        ));
+        return row;
+    }
+    let gpu = (|| -> Result<Value> {
+        let mut opt = PolyakSgd::new_zeroed(ctx, config(momentum), n)?;
+        fill(&opt, true, 1, 1.0)?;
+        fill(&opt, false, 2, 1e-3)?;
+        let mut times = time_steps(&mut opt, args.warmup, args.reps)?;
+        let (med, p10, p90) = stats(&mut times);
+        let phases = opt.time_phases(args.reps.min(10))?;
+        let floor_ms = (bytes_per_param * n) as f64 / (copy_gbps * 1e9) * 1e3;
+        Ok(json!({
+            "step_ms": med, "step_ms_p10": p10, "step_ms_p90": p90,
+            "norm_ms": phases.norm_ms, "update_ms": phases.update_ms,
+            "gbps": (bytes_per_param * n) as f64 / (med * 1e-3) / 1e9,
+            "floor_ms": floor_ms,
+            "pct_of_floor": 100.0 * floor_ms / med,
+            "device_bytes": opt.device_bytes(),
+            "scratch_bytes": opt.scratch_bytes(),
+            "segments": opt.buffers().layout().segment_lens().len(),
+        }))
+    })();
+    match gpu {
+        Ok(v) => {
+            for (k, x) in v.as_object().into_iter().flatten() {
+                row[k] = x.clone();
+            }
+        }
+        Err(e) => {
+            row["error"] = json!(format!("does not fit or failed: {e}"));
+            return row;
+        }
+    }
+    if n <= args.cpu_max {
+        let mut cpu = CpuBaseline::new(n, momentum, 0);
+        let cfg = config(momentum);
+        for _ in 0..args.warmup {
+            cpu.step(0.5, &cfg);
+        }
+        let mut times: Vec<f64> = (0..args.reps.min(10))
+            .map(|_| {
+                let t0 = Instant::now();
+                cpu.step(0.5, &cfg);
+                t0.elapsed().as_secs_f64() * 1e3
+            })
+            .collect();
+        row["cpu_ms"] = json!(stats(&mut times).0);
+        row["cpu_threads"] = json!(cpu.threads());
+    }
+    row
+}

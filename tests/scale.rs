@@ -255,8 +255,11 @@ fn registration_checks_give_typed_errors() {
 
 /// Two devices opened on one adapter of one instance.
 fn two_devices() -> ((wgpu::Device, wgpu::Queue), (wgpu::Device, wgpu::Queue)) {
-    let instance =
-        wgpu::Instance::new(wgpu::InstanceDescriptor::new_without_display_handle_from_env());
+    // PRIMARY: Vulkan/Metal/DX12, so that a compute-less GL adapter is never picked.
+    let instance = wgpu::Instance::new(wgpu::InstanceDescriptor {
+        backends: wgpu::Backends::PRIMARY,
+        ..wgpu::InstanceDescriptor::new_without_display_handle()
+    });
     let adapter = pollster::block_on(instance.request_adapter(&Default::default())).unwrap();
     let open = || pollster::block_on(adapter.request_device(&Default::default())).unwrap();
     (open(), open())

@@ -133,6 +133,9 @@ pub struct ParamBuffers {
     /// MAP_READ copy of `scalars`, read once per step.
     staging: wgpu::Buffer,
     map_result: Arc<Mutex<Option<bool>>>,
+    /// A recorded update not yet submitted (deferred updates): it goes out with the
+    /// next submission, or alone on [`ParamBuffers::flush`].
+    pending: Mutex<Option<wgpu::CommandBuffer>>,
 }
 
 /// The most f32 elements one segment may hold on this device.
@@ -218,7 +221,33 @@ impl ParamBuffers {
             scalars,
             staging,
             map_result: Arc::new(Mutex::new(None)),
+            pending: Mutex::new(None),
         }
+    }
+
+    /// Submits a deferred update, if one is waiting, so that work submitted next
+    /// sees the updated parameters. Every method here that reads or writes a vector
+    /// does this first; call it before submitting your own work that reads the
+    /// parameters outside the objective when updates are deferred.
+    pub fn flush(&self) {
+        let pending = self.pending.lock().map(|mut p| p.take()).unwrap_or(None);
+        if let Some(cb) = pending {
+            self.ctx.queue().submit([cb]);
+        }
+    }
+
+    /// Keeps `cb` to go out with the next submission.
+    pub(crate) fn defer(&self, cb: wgpu::CommandBuffer) {
+        self.flush();
+        if let Ok(mut p) = self.pending.lock() {
+            *p = Some(cb);
+        }
+    }
+
+    /// Submits `cb` after any deferred update, in one submission.
+    pub(crate) fn submit(&self, cb: wgpu::CommandBuffer) {
+        let pending = self.pending.lock().map(|mut p| p.take()).unwrap_or(None);
+        self.ctx.queue().submit(pending.into_iter().chain([cb]));
     }
 
     /// The tensor layout.
@@ -312,6 +341,7 @@ impl ParamBuffers {
         data: &[f32],
         pick: impl Fn(&Segment) -> &Region,
     ) -> Result<()> {
+        self.flush(); // a deferred update must not land after this write
         for p in &t.parts {
             let r = pick(&self.segments[p.segment]);
             needs(&r.buffer, wgpu::BufferUsages::COPY_DST, &t.spec.name)?;
@@ -330,6 +360,7 @@ impl ParamBuffers {
         t: &TensorPlacement,
         pick: impl Fn(&Segment) -> Option<&Region>,
     ) -> Result<Vec<f32>> {
+        self.flush();
         let mut out = Vec::with_capacity(t.spec.len());
         for p in &t.parts {
             match pick(&self.segments[p.segment]) {

@@ -361,3 +361,53 @@ fn both_invocation_walks_give_the_same_step() {
         }
     }
 }
+
+#[test]
+fn deferred_updates_give_the_same_trajectory_and_every_read_sees_them() {
+    let ctx = ctx();
+    let n = 10_001;
+    let c = random(30, n);
+    let x0 = random(31, n);
+    let cfg = PolyakConfig::default().momentum(0.9).maxiter(7).tol(-1.0);
+    let run = |deferred: bool| {
+        let mut opt = PolyakSgd::new(&ctx, cfg.clone(), &x0).unwrap();
+        opt.set_deferred_updates(deferred);
+        let q = GpuQuadratic::new(&opt, "params", &c);
+        let mut state = opt.init_state(|ev| q.eval(ev)).unwrap();
+        let mut seen = Vec::new();
+        for _ in 0..4 {
+            state = opt.update(&state, |ev| q.eval(ev)).unwrap();
+            // a read between steps sees the update just made
+            seen.push(opt.download_params().unwrap());
+        }
+        // an upload between steps lands after the pending update, not before it
+        state = opt.update(&state, |ev| q.eval(ev)).unwrap();
+        opt.upload_params(&x0).unwrap();
+        state = opt.update(&state, |ev| q.eval(ev)).unwrap();
+        // the host objective path sees the pending update too
+        state = opt
+            .update(&state, |ev| {
+                let x = ev.read_params()?;
+                let g: Vec<f32> = x.iter().zip(&c).map(|(x, c)| x - c).collect();
+                ev.write_grads(&g)?;
+                Ok((Loss::Host(0.5 * sqnorm(&g)), ()))
+            })
+            .unwrap();
+        opt.flush();
+        (
+            state,
+            seen,
+            opt.download_params().unwrap(),
+            opt.download_velocity().unwrap(),
+        )
+    };
+    let (s1, seen1, p1, v1) = run(false);
+    let (s2, seen2, p2, v2) = run(true);
+    for (i, (a, b)) in seen1.iter().zip(&seen2).enumerate() {
+        assert!(a == b, "step {i} differs");
+    }
+    assert_eq!(s1, s2);
+    assert_ne!(seen1[0], seen1[1]);
+    assert_eq!(p1, p2);
+    assert_eq!(v1, v2);
+}

@@ -23,6 +23,7 @@ options:
   --warmup N          untimed steps first (default 3)
   --cpu-max N         largest size for the CPU baseline (default 1e9)
   --max-workgroups N  cap on workgroups per dispatch (default: by adapter)
+  --deferred on|off   submit each update with the next step (default off)
   --json FILE         also write the results as JSON
 ";
 
@@ -34,6 +35,7 @@ struct Args {
     warmup: usize,
     cpu_max: usize,
     max_workgroups: Option<u32>,
+    deferred: bool,
     json: Option<String>,
 }
 
@@ -55,6 +57,7 @@ fn parse_args() -> std::result::Result<Args, String> {
         warmup: 3,
         cpu_max: 1_000_000_000,
         max_workgroups: None,
+        deferred: false,
         json: None,
     };
     let mut it = std::env::args().skip(1);
@@ -89,6 +92,7 @@ fn parse_args() -> std::result::Result<Args, String> {
             "--warmup" => a.warmup = parse_count(&value).unwrap_or(0),
             "--cpu-max" => a.cpu_max = parse_count(&value)?,
             "--max-workgroups" => a.max_workgroups = Some(parse_count(&value)? as u32),
+            "--deferred" => a.deferred = value == "on",
             "--json" => a.json = Some(value),
             _ => return Err(format!("unknown option {flag}")),
         }
@@ -133,13 +137,16 @@ fn time_steps(opt: &mut PolyakSgd, warmup: usize, reps: usize) -> Result<Vec<f64
     for _ in 0..warmup {
         state = opt.update(&state, keep)?;
     }
+    opt.flush();
     opt.context().wait()?;
     let mut times = Vec::with_capacity(reps);
     for i in 0..reps {
         let t0 = Instant::now();
         state = opt.update(&state, keep)?;
         if i + 1 == reps {
-            opt.context().wait()?; // the last update is not waited for by a next step
+            // the last update is not waited for by a next step
+            opt.flush();
+            opt.context().wait()?;
         }
         times.push(t0.elapsed().as_secs_f64() * 1e3);
     }
@@ -206,6 +213,7 @@ fn run(args: &Args) -> Result<()> {
 
     // Fixed cost of a step: 4 parameters, so everything but the round trip is nil.
     let mut tiny = PolyakSgd::new(&ctx, config(true), &[0.5; 4])?;
+    tiny.set_deferred_updates(args.deferred);
     fill(&tiny, false, 3, 1e-3)?;
     let (overhead_ms, _, _) = stats(&mut time_steps(
         &mut tiny,
@@ -291,6 +299,7 @@ fn run(args: &Args) -> Result<()> {
             "driver": info.as_ref().map(|i| format!("{} {}", i.driver, i.driver_info)),
             "timestamps": timestamps,
             "max_workgroups": ctx.max_workgroups(),
+            "deferred_updates": args.deferred,
             "copy_GBps": copy_gbps,
             "overhead_ms": overhead_ms,
             "peak_rss_MiB": peak_rss_mib(),
@@ -332,6 +341,7 @@ fn measure(
     }
     let gpu = (|| -> Result<Value> {
         let mut opt = PolyakSgd::new_zeroed(ctx, config(momentum), n)?;
+        opt.set_deferred_updates(args.deferred);
         fill(&opt, true, 1, 1.0)?;
         fill(&opt, false, 2, 1e-3)?;
         let mut times = time_steps(&mut opt, args.warmup, args.reps)?;

@@ -1,4 +1,4 @@
-// Benchmark ceiling: copies `src` to `dst` with the same chunked geometry as the
+// Benchmark ceiling: copies `src` to `dst` with the same geometry and walk as the
 // optimizer's kernels. Its bytes per second (8 per element) set the floor that
 // polyak-bench compares a step against.
 
@@ -29,12 +29,12 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
     if (group >= geo.groups) {
         return;
     }
-    let start = group * geo.chunk;
-    let end = min(start + geo.chunk, geo.n4);
-    var i = start + lid;
-    var stop = end;
-    var stride = 256u;
+    var i = group * 256u + lid;
+    var stop = geo.n4;
+    var stride = geo.groups * 256u;
     if (CONTIGUOUS) {
+        let start = group * geo.chunk;
+        let end = min(start + geo.chunk, geo.n4);
         let per = (end - start + 255u) / 256u;
         i = start + lid * per;
         stop = min(i + per, end);

@@ -1,5 +1,5 @@
-// Squared L2 norm, pass 1 of 2: each workgroup sums g*g over one contiguous chunk of
-// one gradient segment and writes a single partial. Fixed order, no atomics, so the
+// Squared L2 norm, pass 1 of 2: each workgroup sums g*g over its share of one
+// gradient segment and writes a single partial. Fixed order, no atomics, so the
 // result is bitwise repeatable on one adapter.
 
 struct Geometry {
@@ -21,9 +21,8 @@ struct Geometry {
 @group(0) @binding(2) var<uniform> geo: Geometry;
 
 const WG: u32 = 256u;
-// Whether each invocation walks a contiguous run of the chunk (CPU adapters, which
-// run a workgroup's invocations one SIMD batch after another) instead of striding
-// by the workgroup size (GPUs, whose invocations load side by side). Set per device.
+// How invocations share the segment: a grid-stride loop on GPUs (false), contiguous
+// chunks per workgroup and runs per invocation on CPU adapters (true); see update.wgsl.
 override CONTIGUOUS: bool = false;
 var<workgroup> sums: array<f32, WG>;
 
@@ -33,13 +32,12 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
     if (group >= geo.groups) {
         return; // workgroup-uniform: the whole group leaves together
     }
-    let start = group * geo.chunk;
-    let end = min(start + geo.chunk, geo.n4);
-    // Four independent lanes shorten each running sum by four.
-    var i = start + lid;
-    var stop = end;
-    var stride = WG;
+    var i = group * WG + lid;
+    var stop = geo.n4;
+    var stride = geo.groups * WG;
     if (CONTIGUOUS) {
+        let start = group * geo.chunk;
+        let end = min(start + geo.chunk, geo.n4);
         let per = (end - start + WG - 1u) / WG;
         i = start + lid * per;
         stop = min(i + per, end);

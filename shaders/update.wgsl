@@ -1,7 +1,7 @@
 // The fused Polyak update over one segment, one pass:
 //   with momentum:    v = momentum * v - step * g;  p = p + v      (entry point `momentum`)
 //   without momentum: p = p + (-step) * g, no velocity traffic     (entry point `plain`)
-// Each workgroup handles one contiguous chunk of vec4s, as the norm does.
+// Invocations share the segment as in the norm (see `walk`).
 
 struct Geometry {
     n4: u32,           // length of the segment in vec4s
@@ -33,18 +33,24 @@ struct Step {
 @group(0) @binding(4) var<uniform> rule: Step;
 
 const WG: u32 = 256u;
-// Whether each invocation walks a contiguous run of the chunk (CPU adapters) instead
-// of striding by the workgroup size (GPUs). Set per device at pipeline creation.
+// How invocations share the segment. GPUs (false): a grid-stride loop, workgroup
+// `group` starting at vec4 `group * WG` and all invocations striding by the whole
+// grid, so neighbouring invocations load neighbouring vec4s. CPU adapters (true),
+// which run a workgroup's SIMD batches one after another: workgroup `group` takes
+// the contiguous chunk `group * chunk ..` and each invocation one contiguous run of
+// it. Set per device at pipeline creation.
 override CONTIGUOUS: bool = false;
 
-// Invocation `lid`'s first index, end and stride inside the chunk [start, end).
-fn walk(start: u32, end: u32, lid: u32) -> vec3<u32> {
+// Invocation `lid` of workgroup `group`: first index, end and stride.
+fn walk(group: u32, lid: u32) -> vec3<u32> {
     if (CONTIGUOUS) {
+        let start = group * geo.chunk;
+        let end = min(start + geo.chunk, geo.n4);
         let per = (end - start + WG - 1u) / WG;
         let first = start + lid * per;
         return vec3<u32>(first, min(first + per, end), 1u);
     }
-    return vec3<u32>(start + lid, end, WG);
+    return vec3<u32>(group * WG + lid, geo.n4, geo.groups * WG);
 }
 
 @compute @workgroup_size(256)
@@ -53,8 +59,7 @@ fn momentum(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_ind
     if (group >= geo.groups) {
         return;
     }
-    let start = group * geo.chunk;
-    let w = walk(start, min(start + geo.chunk, geo.n4), lid);
+    let w = walk(group, lid);
     for (var i = w.x; i < w.y; i += w.z) {
         let v = rule.momentum * velocity[i] - rule.step * grads[i];
         velocity[i] = v;
@@ -68,8 +73,7 @@ fn plain(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index)
     if (group >= geo.groups) {
         return;
     }
-    let start = group * geo.chunk;
-    let w = walk(start, min(start + geo.chunk, geo.n4), lid);
+    let w = walk(group, lid);
     let neg_step = -rule.step;
     for (var i = w.x; i < w.y; i += w.z) {
         params[i] = params[i] + neg_step * grads[i];

@@ -240,6 +240,17 @@ fn run(args: &Args) -> Result<()> {
             bar.inc(1);
         }
     }
+    // The CPU baselines run after every GPU measurement: freeing their gigabytes of
+    // host memory was seen to disturb the GPU step timed right after (H200, 1e9).
+    bar.set_message("CPU baseline");
+    for row in rows.iter_mut().filter(|r| r.get("error").is_none()) {
+        let n = row["n"].as_u64().unwrap_or(0) as usize;
+        if n <= args.cpu_max {
+            let (ms, threads) = cpu_baseline(args, n, row["momentum"].as_bool() == Some(true));
+            row["cpu_ms"] = json!(ms);
+            row["cpu_threads"] = json!(threads);
+        }
+    }
     bar.finish_and_clear();
 
     println!(
@@ -312,6 +323,23 @@ fn run(args: &Args) -> Result<()> {
     Ok(())
 }
 
+/// Median ms per step of the multi-threaded CPU baseline, and its thread count.
+fn cpu_baseline(args: &Args, n: usize, momentum: bool) -> (f64, usize) {
+    let mut cpu = CpuBaseline::new(n, momentum, 0);
+    let cfg = config(momentum);
+    for _ in 0..args.warmup {
+        cpu.step(0.5, &cfg);
+    }
+    let mut times: Vec<f64> = (0..args.reps.min(10))
+        .map(|_| {
+            let t0 = Instant::now();
+            cpu.step(0.5, &cfg);
+            t0.elapsed().as_secs_f64() * 1e3
+        })
+        .collect();
+    (stats(&mut times).0, cpu.threads())
+}
+
 fn mom(r: &Value) -> &'static str {
     if r["momentum"].as_bool() == Some(true) {
         "on"
@@ -369,22 +397,6 @@ fn measure(
             row["error"] = json!(format!("does not fit or failed: {e}"));
             return row;
         }
-    }
-    if n <= args.cpu_max {
-        let mut cpu = CpuBaseline::new(n, momentum, 0);
-        let cfg = config(momentum);
-        for _ in 0..args.warmup {
-            cpu.step(0.5, &cfg);
-        }
-        let mut times: Vec<f64> = (0..args.reps.min(10))
-            .map(|_| {
-                let t0 = Instant::now();
-                cpu.step(0.5, &cfg);
-                t0.elapsed().as_secs_f64() * 1e3
-            })
-            .collect();
-        row["cpu_ms"] = json!(stats(&mut times).0);
-        row["cpu_threads"] = json!(cpu.threads());
     }
     row
 }

@@ -53,14 +53,26 @@ def timed(step, sync, reps, warmup):
     return statistics.median(ts), q(0.1), q(0.9)
 
 
+SAVE = {}
+
+
+def save(r):
+    """Appends a row and rewrites the JSON file, so a run cut short keeps its rows."""
+    SAVE["out"]["rows"].append(r)
+    with open(SAVE["path"], "w") as f:
+        json.dump(SAVE["out"], f, indent=1)
+    print(json.dumps(r), flush=True)
+    return r
+
+
 def row(impl, n, momentum, t, copy_gbps):
     b = 24 if momentum else 16
     floor = b * n / (copy_gbps * 1e9) * 1e3
     med, p10, p90 = t
-    return {"impl": impl, "n": n, "momentum": momentum, "bytes_per_param": b,
-            "step_ms": med, "step_ms_p10": p10, "step_ms_p90": p90,
-            "gbps": b * n / (med * 1e-3) / 1e9, "floor_ms": floor,
-            "pct_of_floor": 100 * floor / med}
+    return save({"impl": impl, "n": n, "momentum": momentum, "bytes_per_param": b,
+                 "step_ms": med, "step_ms_p10": p10, "step_ms_p90": p90,
+                 "gbps": b * n / (med * 1e-3) / 1e9, "floor_ms": floor,
+                 "pct_of_floor": 100 * floor / med})
 
 
 def torch_rows(args, out):
@@ -100,12 +112,10 @@ def torch_rows(args, out):
         for momentum in (True, False):
             t = timed(lambda: eager(p, g, v if momentum else None), sync, args.reps, args.warmup)
             rows.append(row("torch_eager", n, momentum, t, out["copy_GBps"]))
-            print(json.dumps(rows[-1]), flush=True)
         if n >= args.compile_min:
             loss = torch.tensor(LOSS, device=dev)
             t = timed(lambda: compiled(p, g, v, loss), sync, args.reps, args.warmup)
             rows.append(row("torch_compile", n, True, t, out["copy_GBps"]))
-            print(json.dumps(rows[-1]), flush=True)
         del p, g, v
         torch.cuda.empty_cache()
     return rows
@@ -141,7 +151,6 @@ def jax_rows(args, copy_gbps):
                     box["p"], box["s"] = update(box["p"], box["s"], g)
                 t = timed(step, lambda: box["p"].block_until_ready(), args.reps, args.warmup)
                 rows.append(row("jaxopt", n, momentum != 0.0, t, copy_gbps))
-                print(json.dumps(rows[-1]), flush=True)
                 del box
         if optax is not None:
             opt = optax.polyak_sgd(max_learning_rate=MAX_STEP)
@@ -157,7 +166,6 @@ def jax_rows(args, copy_gbps):
                 box["p"], box["s"] = ostep(box["p"], box["s"])
             t = timed(step, lambda: box["p"].block_until_ready(), args.reps, args.warmup)
             rows.append(row("optax", n, False, t, copy_gbps))
-            print(json.dumps(rows[-1]), flush=True)
             del box
         del p0, g
     return rows
@@ -165,7 +173,8 @@ def jax_rows(args, copy_gbps):
 
 def main():
     args = parse_args()
-    out = {"tool": "peers", "sizes": args.sizes}
+    out = {"tool": "peers", "sizes": args.sizes, "rows": []}
+    SAVE.update(out=out, path=args.json)
     rows = []
     try:
         rows += torch_rows(args, out)
@@ -175,9 +184,6 @@ def main():
         rows += jax_rows(args, out.get("copy_GBps", float("nan")))
     except Exception as e:
         print("jax part failed:", repr(e)[:300], flush=True)
-    out["rows"] = rows
-    with open(args.json, "w") as f:
-        json.dump(out, f, indent=1)
     print(f"\n{'impl':>14} {'N':>11} {'mom':>4} {'ms':>9} {'%floor':>7}")
     for r in rows:
         print(f"{r['impl']:>14} {r['n']:>11} {'on' if r['momentum'] else 'off':>4} "

@@ -6,7 +6,8 @@ use polyak_gpu::{GpuContext, Loss, PolyakConfig, PolyakSgd, bench};
 
 fn steps(c: &mut Criterion) {
     let ctx = GpuContext::new().expect("a wgpu adapter");
-    let mut group = c.benchmark_group(format!("polyak step on {}", ctx.describe()));
+    eprintln!("adapter: {}", ctx.describe());
+    let mut group = c.benchmark_group("polyak");
     group.sample_size(20);
     for n in [10_000usize, 100_000, 1_000_000] {
         let cfg = PolyakConfig::default().momentum(0.9).max_stepsize(1e-3);
@@ -16,20 +17,16 @@ fn steps(c: &mut Criterion) {
         let keep = |_: &mut polyak_gpu::Evaluation<'_>| Ok((Loss::Host(0.5), ()));
         let mut state = opt.init_state(keep).unwrap();
         group.throughput(Throughput::Bytes(24 * n as u64));
-        group.bench_with_input(
-            BenchmarkId::new("step (norm + readback + update)", n),
-            &n,
-            |b, _| {
-                b.iter(|| {
-                    state = opt.update(&state, keep).unwrap();
-                })
-            },
-        );
-        group.bench_with_input(BenchmarkId::new("norm + readback", n), &n, |b, _| {
+        group.bench_with_input(BenchmarkId::new("step", n), &n, |b, _| {
+            b.iter(|| {
+                state = opt.update(&state, keep).unwrap();
+            })
+        });
+        group.bench_with_input(BenchmarkId::new("norm+readback", n), &n, |b, _| {
             b.iter(|| opt.l2_optimality_error(keep).unwrap())
         });
         group.bench_with_input(
-            BenchmarkId::new("norm and update, device time", n),
+            BenchmarkId::new("norm+update device time", n),
             &n,
             |b, _| {
                 b.iter_custom(|iters| {

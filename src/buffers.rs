@@ -483,6 +483,13 @@ impl ParamBuffers {
     }
 }
 
+impl Drop for ParamBuffers {
+    /// A deferred update still goes out: user-owned buffers outlive the optimizer.
+    fn drop(&mut self) {
+        self.flush();
+    }
+}
+
 /// Errors unless `buffer` has `usage` (user buffers may lack the copy flags).
 fn needs(buffer: &wgpu::Buffer, usage: wgpu::BufferUsages, tensor: &str) -> Result<()> {
     if buffer.usage().contains(usage) {

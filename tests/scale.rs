@@ -367,3 +367,34 @@ fn loss_slot_and_host_loss_agree() {
     assert_eq!(sa.iter_num, sb.iter_num);
     assert!((sa.value - sb.value).abs() <= 1e-5 * sb.value);
 }
+
+#[test]
+fn a_deferred_update_reaches_user_buffers_when_the_optimizer_is_dropped() {
+    let ctx = ctx();
+    let x0 = random(50, 64);
+    let (params, grads) = user_buffers(&ctx, &x0, 0);
+    let mut opt = PolyakSgd::builder(&ctx, PolyakConfig::default())
+        .external(ExternalTensor {
+            spec: TensorSpec::new("w", &[64]),
+            params: params.clone(),
+            params_offset: 0,
+            grads,
+            grads_offset: 0,
+        })
+        .build()
+        .unwrap();
+    opt.set_deferred_updates(true);
+    let g = random(51, 64);
+    let state = opt.init_state(fixed(&g, 1.0)).unwrap();
+    let s = opt.update(&state, fixed(&g, 1.0)).unwrap();
+    drop(opt);
+    let raw = read(&ctx, &params);
+    let expected: Vec<f32> = x0
+        .iter()
+        .zip(&g)
+        .map(|(p, g)| p + (-s.stepsize as f32) * g)
+        .collect();
+    for (a, b) in raw[..64].iter().zip(&expected) {
+        assert!((a - b).abs() <= 1e-6 * (1.0 + b.abs()), "{a} vs {b}");
+    }
+}

@@ -16,6 +16,8 @@
 //!   as a baseline; never used as a fallback.
 //! - [`conformance`]: replays jaxopt's recorded trajectories.
 
+#![warn(missing_docs)]
+
 pub mod bench;
 pub mod buffers;
 pub mod config;

@@ -4,52 +4,23 @@
 use crate::config::PolyakConfig;
 use crate::context::GpuContext;
 use crate::error::Result;
+use crate::kernels::{Geometry, bind_group, grid, module, pipeline, uniform};
 use crate::solver::PolyakSgd;
 use crate::stepsize::{Precision, polyak_stepsize};
-use wgpu::util::DeviceExt;
-
-const MAX_DIM: u32 = 65_535;
-
-fn pipeline(
-    ctx: &GpuContext,
-    source: &'static str,
-    label: &str,
-    constants: &[(&str, f64)],
-) -> wgpu::ComputePipeline {
-    let module = ctx
-        .device()
-        .create_shader_module(wgpu::ShaderModuleDescriptor {
-            label: Some(label),
-            source: wgpu::ShaderSource::Wgsl(source.into()),
-        });
-    ctx.device()
-        .create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
-            label: Some(label),
-            layout: None,
-            module: &module,
-            entry_point: Some("main"),
-            compilation_options: wgpu::PipelineCompilationOptions {
-                constants,
-                ..Default::default()
-            },
-            cache: None,
-        })
-}
 
 /// Fills every tensor's parameters (`params = true`) or gradient with pseudo-random
 /// values in `[-scale, scale)` on the device, without a host upload. Pieces shorter
 /// than 4 elements, and the last `len % 4` elements of each piece, keep their values.
 pub fn fill(opt: &PolyakSgd, params: bool, seed: u32, scale: f32) -> Result<()> {
     let ctx = opt.context();
-    let pipeline = pipeline(
+    let shader = module(
         ctx,
-        include_str!("../shaders/bench_fill.wgsl"),
         "bench fill",
-        &[],
+        include_str!("../shaders/bench_fill.wgsl"),
     );
+    let pipeline = pipeline(ctx, &shader, "main", &[]);
     let bufs = opt.buffers();
     let mut encoder = ctx.device().create_command_encoder(&Default::default());
-    let mut groups_kept = Vec::new();
     for t in bufs.layout().tensors() {
         let name = t.spec.name.as_str();
         let bindings = if params {
@@ -62,8 +33,8 @@ pub fn fill(opt: &PolyakSgd, params: bool, seed: u32, scale: f32) -> Result<()> 
             if n4 == 0 {
                 continue;
             }
-            let groups = n4.div_ceil(256);
-            let x = groups.min(MAX_DIM);
+            // One vec4 per invocation: mirrors `Fill` in bench_fill.wgsl.
+            let (x, y) = grid(n4.div_ceil(256));
             let cfg: [u32; 8] = [
                 n4,
                 seed.wrapping_add(i as u32),
@@ -74,45 +45,30 @@ pub fn fill(opt: &PolyakSgd, params: bool, seed: u32, scale: f32) -> Result<()> 
                 0,
                 0,
             ];
-            let uniform = ctx
-                .device()
-                .create_buffer_init(&wgpu::util::BufferInitDescriptor {
-                    label: None,
-                    contents: bytemuck::cast_slice(&cfg),
-                    usage: wgpu::BufferUsages::UNIFORM,
-                });
+            let cfg = uniform(ctx, &cfg);
             let binding = wgpu::BufferBinding {
                 size: wgpu::BufferSize::new(u64::from(n4) * 16),
                 ..b
             };
-            let group = ctx.device().create_bind_group(&wgpu::BindGroupDescriptor {
-                label: None,
-                layout: &pipeline.get_bind_group_layout(0),
-                entries: &[
-                    wgpu::BindGroupEntry {
-                        binding: 0,
-                        resource: wgpu::BindingResource::Buffer(binding),
-                    },
-                    wgpu::BindGroupEntry {
-                        binding: 1,
-                        resource: uniform.as_entire_binding(),
-                    },
+            let group = bind_group(
+                ctx,
+                &pipeline,
+                &[
+                    (0, wgpu::BindingResource::Buffer(binding)),
+                    (1, cfg.as_entire_binding()),
                 ],
-            });
-            {
-                let mut pass = encoder.begin_compute_pass(&Default::default());
-                pass.set_pipeline(&pipeline);
-                pass.set_bind_group(0, &group, &[]);
-                pass.dispatch_workgroups(x, groups.div_ceil(x), 1);
-            }
-            groups_kept.push((group, uniform));
+            );
+            let mut pass = encoder.begin_compute_pass(&Default::default());
+            pass.set_pipeline(&pipeline);
+            pass.set_bind_group(0, &group, &[]);
+            pass.dispatch_workgroups(x, y, 1);
         }
     }
     ctx.queue().submit([encoder.finish()]);
     ctx.wait()
 }
 
-/// A device-to-device copy with the optimizer's chunked geometry, to measure the
+/// A device-to-device copy with the optimizer's geometry and walk, to measure the
 /// memory bandwidth a step is compared against.
 #[derive(Debug)]
 pub struct CopyBench {
@@ -138,49 +94,30 @@ impl CopyBench {
         };
         let src = buffer(wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_DST);
         let dst = buffer(wgpu::BufferUsages::STORAGE);
-        let wanted = n4.div_ceil(256).clamp(1, ctx.max_workgroups().max(1));
-        let chunk = n4.div_ceil(wanted);
-        let groups = n4.div_ceil(chunk);
-        let x = groups.min(MAX_DIM);
-        let geo: [u32; 8] = [n4, chunk, x, groups, 0, 0, 0, 0];
-        let uniform = ctx
-            .device()
-            .create_buffer_init(&wgpu::util::BufferInitDescriptor {
-                label: None,
-                contents: bytemuck::cast_slice(&geo),
-                usage: wgpu::BufferUsages::UNIFORM,
-            });
-        let pipeline = pipeline(
+        let geometry = Geometry::new(n4, ctx.max_workgroups(), 0);
+        let geo = uniform(ctx, &geometry);
+        let shader = module(
             ctx,
-            include_str!("../shaders/bench_copy.wgsl"),
             "bench copy",
-            &ctx.kernel_constants(),
+            include_str!("../shaders/bench_copy.wgsl"),
         );
-        let group = ctx.device().create_bind_group(&wgpu::BindGroupDescriptor {
-            label: None,
-            layout: &pipeline.get_bind_group_layout(0),
-            entries: &[
-                wgpu::BindGroupEntry {
-                    binding: 0,
-                    resource: src.as_entire_binding(),
-                },
-                wgpu::BindGroupEntry {
-                    binding: 1,
-                    resource: dst.as_entire_binding(),
-                },
-                wgpu::BindGroupEntry {
-                    binding: 2,
-                    resource: uniform.as_entire_binding(),
-                },
+        let pipeline = pipeline(ctx, &shader, "main", &ctx.kernel_constants());
+        let group = bind_group(
+            ctx,
+            &pipeline,
+            &[
+                (0, src.as_entire_binding()),
+                (1, dst.as_entire_binding()),
+                (2, geo.as_entire_binding()),
             ],
-        });
+        );
         CopyBench {
             ctx: ctx.clone(),
             pipeline,
             group,
-            dispatch: (x, groups.div_ceil(x)),
+            dispatch: geometry.dispatch(),
             n: n4 as usize * 4,
-            _buffers: [src, dst, uniform],
+            _buffers: [src, dst, geo],
         }
     }
 

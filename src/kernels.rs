@@ -47,8 +47,15 @@ impl Geometry {
 
     /// The `(x, y)` workgroup counts to dispatch.
     pub fn dispatch(&self) -> (u32, u32) {
-        (self.groups_x, self.groups.div_ceil(self.groups_x))
+        grid(self.groups)
     }
+}
+
+/// `groups` workgroups laid out as `(x, y)` with `x <= 65,535`; the kernels skip the
+/// `x * y - groups` extra ones.
+pub(crate) fn grid(groups: u32) -> (u32, u32) {
+    let x = groups.clamp(1, MAX_DIM);
+    (x, groups.div_ceil(x))
 }
 
 /// Mirrors `Step` in `update.wgsl`.
@@ -74,7 +81,7 @@ pub(crate) struct Kernels {
     momentum: f32,
 }
 
-fn pipeline(
+pub(crate) fn pipeline(
     ctx: &GpuContext,
     module: &wgpu::ShaderModule,
     entry: &str,
@@ -94,7 +101,7 @@ fn pipeline(
         })
 }
 
-fn module(ctx: &GpuContext, label: &str, source: &'static str) -> wgpu::ShaderModule {
+pub(crate) fn module(ctx: &GpuContext, label: &str, source: &'static str) -> wgpu::ShaderModule {
     ctx.device()
         .create_shader_module(wgpu::ShaderModuleDescriptor {
             label: Some(label),
@@ -102,7 +109,7 @@ fn module(ctx: &GpuContext, label: &str, source: &'static str) -> wgpu::ShaderMo
         })
 }
 
-fn uniform<T: bytemuck::Pod>(ctx: &GpuContext, value: &T) -> wgpu::Buffer {
+pub(crate) fn uniform<T: bytemuck::Pod>(ctx: &GpuContext, value: &T) -> wgpu::Buffer {
     ctx.device()
         .create_buffer_init(&wgpu::util::BufferInitDescriptor {
             label: Some("polyak uniform"),
@@ -111,7 +118,7 @@ fn uniform<T: bytemuck::Pod>(ctx: &GpuContext, value: &T) -> wgpu::Buffer {
         })
 }
 
-fn bind_group(
+pub(crate) fn bind_group(
     ctx: &GpuContext,
     pipeline: &wgpu::ComputePipeline,
     resources: &[(u32, wgpu::BindingResource<'_>)],

@@ -411,3 +411,21 @@ fn deferred_updates_give_the_same_trajectory_and_every_read_sees_them() {
     assert_eq!(p1, p2);
     assert_eq!(v1, v2);
 }
+
+#[test]
+fn bench_fill_writes_bounded_nonzero_data_and_the_copy_kernel_runs() {
+    let ctx = ctx();
+    let n = 70_003; // a tail of 3 elements that fill leaves alone
+    let opt = PolyakSgd::new(&ctx, PolyakConfig::default(), &vec![5.0; n]).unwrap();
+    polyak_gpu::bench::fill(&opt, true, 9, 2.0).unwrap();
+    let p = opt.download_params().unwrap();
+    assert!(p[..n - 3].iter().all(|x| (-2.0..2.0).contains(x)));
+    assert!(p[..n - 3].iter().filter(|x| **x != 0.0).count() > n - 100);
+    assert_eq!(p[n - 3..], [5.0; 3]);
+    let distinct: std::collections::HashSet<u32> = p.iter().map(|x| x.to_bits()).collect();
+    assert!(distinct.len() > n / 2);
+    let gbps = polyak_gpu::bench::CopyBench::new(&ctx, 1 << 16)
+        .gbps(2)
+        .unwrap();
+    assert!(gbps.is_finite() && gbps > 0.0);
+}

@@ -433,10 +433,40 @@ impl ParamBuffers {
         self.download_flat(|s| s.velocity.as_ref()).map(Some)
     }
 
-    fn download_flat(&self, pick: impl Fn(&Segment) -> Option<&Region> + Copy) -> Result<Vec<f32>> {
+    /// Downloads a whole vector with one copy per segment (not one per tensor piece,
+    /// which would be hundreds of round trips for a many-tensor model).
+    fn download_flat(&self, pick: impl Fn(&Segment) -> Option<&Region>) -> Result<Vec<f32>> {
+        self.flush();
+        let mut segments = Vec::with_capacity(self.segments.len());
+        for (i, s) in self.segments.iter().enumerate() {
+            segments.push(match pick(s) {
+                Some(r) => {
+                    let owner = self
+                        .layout
+                        .tensors()
+                        .iter()
+                        .find(|t| t.parts.iter().any(|p| p.segment == i));
+                    needs(
+                        &r.buffer,
+                        wgpu::BufferUsages::COPY_SRC,
+                        owner.map_or("?", |t| &t.spec.name),
+                    )?;
+                    Some(read_buffer(
+                        &self.ctx,
+                        &r.buffer,
+                        r.offset,
+                        (s.len * 4) as u64,
+                    )?)
+                }
+                None => None,
+            });
+        }
         let mut out = Vec::with_capacity(self.num_params());
-        for t in self.layout.tensors() {
-            out.extend(self.read_tensor(t, pick)?);
+        for p in self.layout.tensors().iter().flat_map(|t| &t.parts) {
+            match &segments[p.segment] {
+                Some(v) => out.extend_from_slice(&v[p.offset..p.offset + p.len]),
+                None => out.extend(std::iter::repeat_n(0.0, p.len)),
+            }
         }
         Ok(out)
     }
@@ -458,28 +488,10 @@ impl ParamBuffers {
     /// Waits for the submitted readback copy and returns `[loss, sqnorm]`. Allocates
     /// nothing of its own.
     pub(crate) fn read_scalars(&self) -> Result<[f32; 2]> {
-        *self.map_result.lock().unwrap() = None;
-        let slot = Arc::clone(&self.map_result);
-        self.staging
-            .slice(..)
-            .map_async(wgpu::MapMode::Read, move |r| {
-                *slot.lock().unwrap() = Some(r.is_ok());
-            });
-        self.ctx.wait()?;
-        if *self.map_result.lock().unwrap() != Some(true) {
-            return Err(Error::Device("mapping the scalars readback failed".into()));
-        }
-        let out = {
-            let view = self
-                .staging
-                .slice(..)
-                .get_mapped_range()
-                .map_err(|e| Error::Device(e.to_string()))?;
-            let v: &[f32] = bytemuck::cast_slice(&view);
+        read_mapped(&self.ctx, &self.staging, &self.map_result, |bytes| {
+            let v: &[f32] = bytemuck::cast_slice(bytes);
             [v[0], v[1]]
-        };
-        self.staging.unmap();
-        Ok(out)
+        })
     }
 }
 
@@ -531,20 +543,41 @@ pub(crate) fn read_bytes(
     let mut encoder = device.create_command_encoder(&Default::default());
     encoder.copy_buffer_to_buffer(buffer, offset, &staging, 0, size);
     ctx.queue().submit([encoder.finish()]);
-    let ok = Arc::new(Mutex::new(None));
-    let slot = Arc::clone(&ok);
+    read_mapped(ctx, &staging, &Arc::new(Mutex::new(None)), <[u8]>::to_vec)
+}
+
+/// Maps `staging` (MAP_READ) once the submitted work is done, hands its bytes to `f`
+/// and unmaps it. `slot` receives the map result; the step path passes one it keeps,
+/// so reading the loss and norm allocates nothing of ours.
+fn read_mapped<T>(
+    ctx: &GpuContext,
+    staging: &wgpu::Buffer,
+    slot: &Arc<Mutex<Option<bool>>>,
+    f: impl FnOnce(&[u8]) -> T,
+) -> Result<T> {
+    let set = |v| {
+        if let Ok(mut s) = slot.lock() {
+            *s = v;
+        }
+    };
+    set(None);
+    let callback_slot = Arc::clone(slot);
     staging.slice(..).map_async(wgpu::MapMode::Read, move |r| {
-        *slot.lock().unwrap() = Some(r.is_ok());
+        if let Ok(mut s) = callback_slot.lock() {
+            *s = Some(r.is_ok());
+        }
     });
     ctx.wait()?;
-    if *ok.lock().unwrap() != Some(true) {
-        return Err(Error::Device("mapping a download buffer failed".into()));
+    if slot.lock().map(|s| *s).ok().flatten() != Some(true) {
+        return Err(Error::Device("mapping a readback buffer failed".into()));
     }
-    let out = staging
-        .slice(..)
-        .get_mapped_range()
-        .map_err(|e| Error::Device(e.to_string()))?
-        .to_vec();
+    let out = {
+        let view = staging
+            .slice(..)
+            .get_mapped_range()
+            .map_err(|e| Error::Device(e.to_string()))?;
+        f(&view)
+    };
     staging.unmap();
     Ok(out)
 }

@@ -106,24 +106,26 @@ fn stats(v: &mut [f64]) -> (f64, f64, f64) {
     (at(0.5), at(0.1), at(0.9))
 }
 
-/// Host memory the process holds at its peak (Linux; 0 elsewhere).
-fn peak_rss_mib() -> f64 {
-    std::fs::read_to_string("/proc/self/status")
-        .unwrap_or_default()
+/// The kB figure after `key` in a /proc file (Linux; `None` elsewhere).
+fn proc_kb(file: &str, key: &str) -> Option<u64> {
+    std::fs::read_to_string(file)
+        .ok()?
         .lines()
-        .find(|l| l.starts_with("VmHWM:"))
-        .and_then(|l| l.split_whitespace().nth(1)?.parse::<f64>().ok())
-        .map_or(0.0, |kb| kb / 1024.0)
+        .find(|l| l.starts_with(key))?
+        .split_whitespace()
+        .nth(1)?
+        .parse()
+        .ok()
 }
 
-/// Host memory available now, in bytes (Linux; `u64::MAX` elsewhere).
+/// Host memory the process held at its peak, in MiB (0 where unknown).
+fn peak_rss_mib() -> f64 {
+    proc_kb("/proc/self/status", "VmHWM:").map_or(0.0, |kb| kb as f64 / 1024.0)
+}
+
+/// Host memory available now, in bytes (`u64::MAX` where unknown).
 fn available_bytes() -> u64 {
-    std::fs::read_to_string("/proc/meminfo")
-        .unwrap_or_default()
-        .lines()
-        .find(|l| l.starts_with("MemAvailable:"))
-        .and_then(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
-        .map_or(u64::MAX, |kb| kb * 1024)
+    proc_kb("/proc/meminfo", "MemAvailable:").map_or(u64::MAX, |kb| kb * 1024)
 }
 
 fn keep(_: &mut Evaluation<'_>) -> Result<(Loss, ())> {

@@ -4,21 +4,23 @@
 //! ```text
 //! cargo run --release --example conformance -- tests/data/jaxopt_polyak_reference.json
 //! cargo run --release --example conformance -- FILE.json --software   # force lavapipe
+//! cargo run --release --example conformance -- FILE.json --device-step # f32 rule on the GPU
 //! ```
 
-use polyak_gpu::GpuContext;
 use polyak_gpu::conformance::{ReferenceFile, compare_f32, compare_f64, replay_cpu, replay_gpu};
+use polyak_gpu::{GpuContext, StepSizeMode};
 use std::process::ExitCode;
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let software = args.iter().any(|a| a == "--software");
+    let device_step = args.iter().any(|a| a == "--device-step");
     let path = args
         .iter()
         .find(|a| !a.starts_with("--"))
         .cloned()
         .unwrap_or_else(|| "tests/data/jaxopt_polyak_reference.json".into());
-    let file = match ReferenceFile::load(&path) {
+    let mut file = match ReferenceFile::load(&path) {
         Ok(f) => f,
         Err(e) => {
             eprintln!("{e}");
@@ -36,7 +38,17 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    println!("{path}: {} cases on {}", file.cases.len(), ctx.describe());
+    if device_step {
+        for case in &mut file.cases {
+            case.config.stepsize_mode = StepSizeMode::Device;
+        }
+    }
+    println!(
+        "{path}: {} cases on {}, step size on the {}",
+        file.cases.len(),
+        ctx.describe(),
+        if device_step { "GPU (f32)" } else { "CPU" }
+    );
     println!(
         "{:<26} {:<12} {:>9}   {:<44} {:<44} result",
         "case",

@@ -1,27 +1,99 @@
 // Squared L2 norm, pass 2 of 2: one workgroup sums all partials of pass 1 (every
-// segment) in a fixed order and writes the squared norm next to the loss.
+// segment) in a fixed order and writes the squared norm next to the loss. Its first
+// invocation then applies the Polyak step-size rule in f32 (jaxopt's float32 path)
+// and writes the step and the verdict that the update reads. Under the host step-size
+// mode the CPU overwrites both before the update runs.
 
-struct Count {
-    n: u32,      // number of partials
+struct Rule {
+    n: u32,            // number of partials
+    variant: u32,      // 0 = SPS_max, 1 = SPS+
+    refuse: u32,       // 1 = refuse a non-finite loss, norm or step (NonFinitePolicy::Refuse)
     _pad0: u32,
-    _pad1: u32,
-    _pad2: u32,
+    max_stepsize: f32, // SPS_max's cap
+    delta: f32,        // added to the squared norm by SPS_max
+    fun_min: f32,      // the estimate of the optimal loss
+    _pad1: f32,
 }
 
 // binding 0: the partial sums written by norm_partials.wgsl.
 @group(0) @binding(0) var<storage, read> partials: array<f32>;
-// binding 1: the scalars slot: [0] = loss (written by the objective), [1] = squared norm.
-@group(0) @binding(1) var<storage, read_write> scalars: array<f32, 2>;
-// binding 2: how many partials there are.
-@group(0) @binding(2) var<uniform> count: Count;
+// binding 1: the scalars slot: [0] = loss (written by the objective), [1] = squared
+// norm, [2] = step size, [3] = 1.0 if the update must not run, else 0.0.
+@group(0) @binding(1) var<storage, read_write> scalars: array<f32, 4>;
+// binding 2: the partial count and the step-size options.
+@group(0) @binding(2) var<uniform> rule: Rule;
 
 const WG: u32 = 256u;
+const EPS: f32 = 1.1920929e-7; // jnp.finfo(float32).eps, SPS+'s guard
 var<workgroup> sums: array<f32, WG>;
+
+// Classification by bits: WGSL lets a compiler assume arithmetic never meets NaN or
+// infinity, so these never compare floats.
+fn is_nan(x: f32) -> bool {
+    return (bitcast<u32>(x) & 0x7fffffffu) > 0x7f800000u;
+}
+
+fn is_finite(x: f32) -> bool {
+    return (bitcast<u32>(x) & 0x7f800000u) != 0x7f800000u;
+}
+
+// A quiet NaN / a signed infinity, made at run time (a constant NaN or infinity is
+// a shader-creation error in WGSL).
+fn nan() -> f32 {
+    var bits = 0x7fc00000u;
+    return bitcast<f32>(bits);
+}
+
+fn inf_with_sign_of(x: f32) -> f32 {
+    var bits = 0x7f800000u;
+    return bitcast<f32>(bits | (bitcast<u32>(x) & 0x80000000u));
+}
+
+// a / b, with the IEEE result spelled out where b is zero (x/0 = ±inf, 0/0 = NaN).
+fn div(a: f32, b: f32) -> f32 {
+    if (is_nan(a) || is_nan(b)) {
+        return nan();
+    }
+    if (b == 0.0) {
+        if (a == 0.0) {
+            return nan();
+        }
+        return inf_with_sign_of(a);
+    }
+    return a / b;
+}
+
+// jnp.minimum / jnp.maximum: NaN if either side is NaN.
+fn nan_min(a: f32, b: f32) -> f32 {
+    if (is_nan(a) || is_nan(b)) {
+        return nan();
+    }
+    return select(b, a, a < b);
+}
+
+fn nan_max(a: f32, b: f32) -> f32 {
+    if (is_nan(a) || is_nan(b)) {
+        return nan();
+    }
+    return select(b, a, a > b);
+}
+
+// The rule of stepsize.rs (`polyak_stepsize`) in f32.
+fn polyak_step(loss: f32, sqnorm: f32) -> f32 {
+    let gap = loss - rule.fun_min;
+    if (rule.variant == 0u) {
+        return nan_min(div(gap, sqnorm + rule.delta), rule.max_stepsize);
+    }
+    if (sqnorm <= EPS) {
+        return 0.0;
+    }
+    return nan_max(div(gap, sqnorm), 0.0);
+}
 
 @compute @workgroup_size(256)
 fn main(@builtin(local_invocation_index) lid: u32) {
     var acc = 0.0;
-    for (var i = lid; i < count.n; i += WG) {
+    for (var i = lid; i < rule.n; i += WG) {
         acc += partials[i];
     }
     sums[lid] = acc;
@@ -33,6 +105,12 @@ fn main(@builtin(local_invocation_index) lid: u32) {
         workgroupBarrier();
     }
     if (lid == 0u) {
-        scalars[1] = sums[0];
+        let loss = scalars[0];
+        let sqnorm = sums[0];
+        let step = polyak_step(loss, sqnorm);
+        let finite = is_finite(loss) && is_finite(sqnorm) && is_finite(step);
+        scalars[1] = sqnorm;
+        scalars[2] = step;
+        scalars[3] = select(0.0, 1.0, rule.refuse == 1u && !finite);
     }
 }

@@ -14,13 +14,6 @@ struct Geometry {
     _pad2: u32,
 }
 
-struct Step {
-    step: f32,     // the Polyak step size of this iteration, rounded to f32
-    momentum: f32, // the momentum coefficient
-    _pad0: f32,
-    _pad1: f32,
-}
-
 // binding 0: the parameter segment, updated in place.
 @group(0) @binding(0) var<storage, read_write> params: array<vec4<f32>>;
 // binding 1: the gradient segment at the current parameters.
@@ -29,10 +22,13 @@ struct Step {
 @group(0) @binding(2) var<storage, read_write> velocity: array<vec4<f32>>;
 // binding 3: this segment's dispatch geometry.
 @group(0) @binding(3) var<uniform> geo: Geometry;
-// binding 4: the step size and momentum, shared by all segments.
-@group(0) @binding(4) var<uniform> rule: Step;
+// binding 4: the scalars slot of norm_final.wgsl: [2] = the step size (rounded to
+// f32), [3] = 1.0 if this update must not run (a refused non-finite step).
+@group(0) @binding(4) var<storage, read> scalars: array<f32, 4>;
 
 const WG: u32 = 256u;
+// The momentum coefficient, fixed for the optimizer's lifetime.
+override MOMENTUM: f32 = 0.0;
 // How invocations share the segment. GPUs (false): a grid-stride loop, workgroup
 // `group` starting at vec4 `group * WG` and all invocations striding by the whole
 // grid, so neighbouring invocations load neighbouring vec4s. CPU adapters (true),
@@ -59,9 +55,13 @@ fn momentum(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_ind
     if (group >= geo.groups) {
         return;
     }
+    if (scalars[3] != 0.0) {
+        return;
+    }
+    let step = scalars[2];
     let w = walk(group, lid);
     for (var i = w.x; i < w.y; i += w.z) {
-        let v = rule.momentum * velocity[i] - rule.step * grads[i];
+        let v = MOMENTUM * velocity[i] - step * grads[i];
         velocity[i] = v;
         params[i] = params[i] + v;
     }
@@ -73,8 +73,11 @@ fn plain(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index)
     if (group >= geo.groups) {
         return;
     }
+    if (scalars[3] != 0.0) {
+        return;
+    }
+    let neg_step = -scalars[2];
     let w = walk(group, lid);
-    let neg_step = -rule.step;
     for (var i = w.x; i < w.y; i += w.z) {
         params[i] = params[i] + neg_step * grads[i];
     }

@@ -104,6 +104,19 @@ impl Region {
     }
 }
 
+/// The scalars slot as read back after a step's first submission.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub(crate) struct Scalars {
+    /// The loss the objective wrote (or the host loss written for it).
+    pub loss: f32,
+    /// The squared gradient norm.
+    pub sqnorm: f32,
+    /// The step size the norm pass computed in f32.
+    pub step: f32,
+    /// Whether the norm pass refused the step (non-finite under `Refuse`).
+    pub refused: bool,
+}
+
 /// The three vectors of one segment.
 #[derive(Debug)]
 pub(crate) struct Segment {
@@ -118,7 +131,8 @@ pub(crate) struct Segment {
 }
 
 /// Parameters, gradients and velocity on the GPU, laid out by a [`Layout`], plus the
-/// 8-byte scalars slot (loss, squared norm) and its readback buffer.
+/// 16-byte scalars slot (loss, squared norm, step size, refusal) and its readback
+/// buffer.
 ///
 /// A user's kernels bind tensors through [`ParamBuffers::params_bindings`] and
 /// [`ParamBuffers::grads_bindings`] and write the loss through
@@ -128,7 +142,7 @@ pub struct ParamBuffers {
     ctx: GpuContext,
     layout: Layout,
     pub(crate) segments: Vec<Segment>,
-    /// `[loss, sqnorm]` as f32.
+    /// `[loss, sqnorm, step, refused]` as f32 (see `norm_final.wgsl`).
     pub(crate) scalars: wgpu::Buffer,
     /// MAP_READ copy of `scalars`, read once per step.
     staging: wgpu::Buffer,
@@ -207,10 +221,10 @@ impl ParamBuffers {
                 }
             })
             .collect();
-        let scalars = storage("polyak scalars", 2);
+        let scalars = storage("polyak scalars", 4);
         let staging = device.create_buffer(&wgpu::BufferDescriptor {
             label: Some("polyak scalars readback"),
-            size: 8,
+            size: 16,
             usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
             mapped_at_creation: false,
         });
@@ -288,8 +302,8 @@ impl ParamBuffers {
         }
     }
 
-    /// The buffer holding `[loss, sqnorm]` (for copying a loss computed elsewhere
-    /// into offset 0).
+    /// The 16-byte buffer holding `[loss, sqnorm, step, refused]` as f32 (for copying
+    /// a loss computed elsewhere into offset 0; the rest is the optimizer's).
     pub fn scalars_buffer(&self) -> &wgpu::Buffer {
         &self.scalars
     }
@@ -480,18 +494,45 @@ impl ParamBuffers {
         }
     }
 
-    /// Records the copy of `[loss, sqnorm]` into the readback buffer.
+    /// Records the copy of the scalars into the readback buffer.
     pub(crate) fn encode_scalars_readback(&self, encoder: &mut wgpu::CommandEncoder) {
-        encoder.copy_buffer_to_buffer(&self.scalars, 0, &self.staging, 0, 8);
+        encoder.copy_buffer_to_buffer(&self.scalars, 0, &self.staging, 0, 16);
     }
 
-    /// Waits for the submitted readback copy and returns `[loss, sqnorm]`. Allocates
-    /// nothing of its own.
-    pub(crate) fn read_scalars(&self) -> Result<[f32; 2]> {
+    /// Waits for the submitted readback copy and returns `[loss, sqnorm, step,
+    /// refused]`. Allocates nothing of its own.
+    pub(crate) fn read_scalars(&self) -> Result<Scalars> {
         read_mapped(&self.ctx, &self.staging, &self.map_result, |bytes| {
             let v: &[f32] = bytemuck::cast_slice(bytes);
-            [v[0], v[1]]
+            Scalars {
+                loss: v[0],
+                sqnorm: v[1],
+                step: v[2],
+                refused: v[3] != 0.0,
+            }
         })
+    }
+
+    /// Records a clear of the refusal flag, so the next update runs whatever the
+    /// norm pass decided (benchmarks only).
+    pub(crate) fn clear_refusal(&self, encoder: &mut wgpu::CommandEncoder) {
+        encoder.clear_buffer(&self.scalars, 12, Some(4));
+    }
+
+    /// Queues a loss computed on the host into the loss slot (applied before the
+    /// next submission's commands).
+    pub(crate) fn write_loss(&self, loss: f32) {
+        self.ctx
+            .queue()
+            .write_buffer(&self.scalars, 0, bytemuck::bytes_of(&loss));
+    }
+
+    /// Queues a step size computed on the host for the next update, replacing the
+    /// one the norm pass wrote, and clears the refusal (the host already checked).
+    pub(crate) fn write_step(&self, step: f32) {
+        self.ctx
+            .queue()
+            .write_buffer(&self.scalars, 8, bytemuck::cast_slice(&[step, 0.0]));
     }
 }
 

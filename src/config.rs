@@ -37,7 +37,8 @@ impl fmt::Display for Variant {
 }
 
 /// What to do when the loss, the squared gradient norm or the step size of a step
-/// is NaN or infinite. This is checked on the CPU before the update is dispatched.
+/// is NaN or infinite. This is checked before the update runs: on the CPU under
+/// [`StepSizeMode::Host`], on the GPU under [`StepSizeMode::Device`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum NonFinitePolicy {
     /// Refuse the step with [`Error::NonFinite`]; parameters and velocity stay as they
@@ -48,6 +49,24 @@ pub enum NonFinitePolicy {
     /// (e.g. the 0/0 step at an exact optimum with `delta = 0`). Used by the
     /// conformance runner.
     Propagate,
+}
+
+/// Where the step size of each update is computed. Not a jaxopt option.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum StepSizeMode {
+    /// On the CPU, in f64 from the f32 loss and squared norm, then rounded to f32.
+    /// A step is two submissions: the objective and the norm, a wait for the 16-byte
+    /// readback, then the update. The default.
+    #[default]
+    Host,
+    /// On the GPU, in f32 (as jaxopt's float32 path computes it), by the kernel that
+    /// finishes the norm; the update reads it there. A step is one submission and one
+    /// wait for the 16-byte readback of loss, squared norm, step size and verdict:
+    /// less fixed cost per step at small N. The non-finite check is made on the GPU
+    /// too: a refused step writes nothing. The step may differ from `Host`'s by an
+    /// f32 rounding or two (the order of the f32 operations and WGSL's division);
+    /// a [`crate::Loss::Host`] value is rounded to f32 before it enters the rule.
+    Device,
 }
 
 /// Options of the Polyak SGD solver, with jaxopt 0.8.5's defaults.
@@ -82,6 +101,8 @@ pub struct PolyakConfig {
     pub verbose: bool,
     /// What to do with a non-finite loss, norm or step size. Default: refuse.
     pub nonfinite: NonFinitePolicy,
+    /// Where the step size is computed. Default: on the host.
+    pub stepsize_mode: StepSizeMode,
 }
 
 impl Default for PolyakConfig {
@@ -96,6 +117,7 @@ impl Default for PolyakConfig {
             tol: 1e-3,
             verbose: false,
             nonfinite: NonFinitePolicy::Refuse,
+            stepsize_mode: StepSizeMode::Host,
         }
     }
 }
@@ -144,6 +166,13 @@ impl PolyakConfig {
     /// Sets the non-finite policy (not a jaxopt option; see [`NonFinitePolicy`]).
     pub fn nonfinite(mut self, v: NonFinitePolicy) -> Self {
         self.nonfinite = v;
+        self
+    }
+
+    /// Sets where the step size is computed (not a jaxopt option; see
+    /// [`StepSizeMode`]).
+    pub fn stepsize_mode(mut self, v: StepSizeMode) -> Self {
+        self.stepsize_mode = v;
         self
     }
 

@@ -1,6 +1,7 @@
 //! The WGSL kernels (`shaders/`): pipelines and bind groups, made once per optimizer.
 
 use crate::buffers::ParamBuffers;
+use crate::config::{NonFinitePolicy, PolyakConfig, Variant};
 use crate::context::GpuContext;
 use wgpu::util::DeviceExt;
 
@@ -58,13 +59,36 @@ pub(crate) fn grid(groups: u32) -> (u32, u32) {
     (x, groups.div_ceil(x))
 }
 
-/// Mirrors `Step` in `update.wgsl`.
+/// Mirrors `Rule` in `norm_final.wgsl`: the partial count and the step-size options.
 #[repr(C)]
 #[derive(Debug, Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]
-struct StepUniform {
-    step: f32,
-    momentum: f32,
-    pad: [f32; 2],
+struct RuleUniform {
+    n: u32,
+    variant: u32,
+    refuse: u32,
+    pad0: u32,
+    max_stepsize: f32,
+    delta: f32,
+    fun_min: f32,
+    pad1: f32,
+}
+
+impl RuleUniform {
+    fn new(partials: u32, config: &PolyakConfig) -> Self {
+        RuleUniform {
+            n: partials,
+            variant: match config.variant {
+                Variant::SpsMax => 0,
+                Variant::SpsPlus => 1,
+            },
+            refuse: u32::from(config.nonfinite == NonFinitePolicy::Refuse),
+            pad0: 0,
+            max_stepsize: config.max_stepsize as f32,
+            delta: config.delta as f32,
+            fun_min: config.fun_min as f32,
+            pad1: 0.0,
+        }
+    }
 }
 
 /// Everything the norm and the update need, built once.
@@ -77,8 +101,6 @@ pub(crate) struct Kernels {
     update_groups: Vec<wgpu::BindGroup>,
     final_group: wgpu::BindGroup,
     geometries: Vec<Geometry>,
-    step_buffer: wgpu::Buffer,
-    momentum: f32,
 }
 
 pub(crate) fn pipeline(
@@ -138,8 +160,9 @@ pub(crate) fn bind_group(
 }
 
 impl Kernels {
-    /// Compiles the kernels and binds them to `bufs`, with or without momentum.
-    pub fn new(ctx: &GpuContext, bufs: &ParamBuffers, momentum: f64) -> Self {
+    /// Compiles the kernels for `config` (momentum, step-size rule) and binds them
+    /// to `bufs`.
+    pub fn new(ctx: &GpuContext, bufs: &ParamBuffers, config: &PolyakConfig) -> Self {
         let mut geometries = Vec::new();
         let mut base = 0u32;
         for s in &bufs.segments {
@@ -147,14 +170,14 @@ impl Kernels {
             base += g.groups;
             geometries.push(g);
         }
-        Self::with_geometries(ctx, bufs, momentum, geometries)
+        Self::with_geometries(ctx, bufs, config, geometries)
     }
 
     /// As [`Kernels::new`] with the dispatch geometry of each segment given.
     fn with_geometries(
         ctx: &GpuContext,
         bufs: &ParamBuffers,
-        momentum: f64,
+        config: &PolyakConfig,
         geometries: Vec<Geometry>,
     ) -> Self {
         let norm_mod = module(
@@ -171,13 +194,13 @@ impl Kernels {
         let constants = ctx.kernel_constants();
         let norm_pipeline = pipeline(ctx, &norm_mod, "main", &constants);
         let final_pipeline = pipeline(ctx, &final_mod, "main", &[]);
-        let with_velocity = bufs.has_velocity();
-        let update_pipeline = pipeline(
-            ctx,
-            &update_mod,
-            if with_velocity { "momentum" } else { "plain" },
-            &constants,
-        );
+        let update_pipeline = if bufs.has_velocity() {
+            let mut with_momentum = constants.to_vec();
+            with_momentum.push(("MOMENTUM", config.momentum));
+            pipeline(ctx, &update_mod, "momentum", &with_momentum)
+        } else {
+            pipeline(ctx, &update_mod, "plain", &constants)
+        };
 
         let base: u32 = geometries.iter().map(|g| g.groups).sum();
         let partials = ctx.device().create_buffer(&wgpu::BufferDescriptor {
@@ -186,14 +209,6 @@ impl Kernels {
             usage: wgpu::BufferUsages::STORAGE,
             mapped_at_creation: false,
         });
-        let step_buffer = uniform(
-            ctx,
-            &StepUniform {
-                step: 0.0,
-                momentum: momentum as f32,
-                pad: [0.0; 2],
-            },
-        );
         let mut norm_groups = Vec::new();
         let mut update_groups = Vec::new();
         for (s, g) in bufs.segments.iter().zip(&geometries) {
@@ -211,21 +226,21 @@ impl Kernels {
                 (0, wgpu::BindingResource::Buffer(s.params.binding(s.len))),
                 (1, wgpu::BindingResource::Buffer(s.grads.binding(s.len))),
                 (3, geo.as_entire_binding()),
-                (4, step_buffer.as_entire_binding()),
+                (4, bufs.scalars.as_entire_binding()),
             ];
             if let Some(v) = &s.velocity {
                 entries.push((2, wgpu::BindingResource::Buffer(v.binding(s.len))));
             }
             update_groups.push(bind_group(ctx, &update_pipeline, &entries));
         }
-        let count = uniform(ctx, &[base, 0, 0, 0]);
+        let rule = uniform(ctx, &RuleUniform::new(base, config));
         let final_group = bind_group(
             ctx,
             &final_pipeline,
             &[
                 (0, partials.as_entire_binding()),
                 (1, bufs.scalars.as_entire_binding()),
-                (2, count.as_entire_binding()),
+                (2, rule.as_entire_binding()),
             ],
         );
         Kernels {
@@ -236,8 +251,6 @@ impl Kernels {
             update_groups,
             final_group,
             geometries,
-            step_buffer,
-            momentum: momentum as f32,
         }
     }
 
@@ -250,7 +263,8 @@ impl Kernels {
             .map(|g| u64::from(g.groups))
             .sum::<u64>()
             * 4;
-        let uniforms = (self.geometries.len() * std::mem::size_of::<Geometry>()) as u64 + 16 + 16;
+        let uniforms = ((self.geometries.len() * std::mem::size_of::<Geometry>())
+            + std::mem::size_of::<RuleUniform>()) as u64;
         partials + uniforms
     }
 
@@ -260,7 +274,9 @@ impl Kernels {
         2 * self.geometries.len() + 1
     }
 
-    /// Records both norm passes: the squared gradient norm lands in `scalars[1]`.
+    /// Records both norm passes: the squared gradient norm lands in `scalars[1]`, the
+    /// f32 step size of the rule in `scalars[2]` and the refusal verdict in
+    /// `scalars[3]`.
     pub fn encode_norm(
         &self,
         encoder: &mut wgpu::CommandEncoder,
@@ -281,17 +297,8 @@ impl Kernels {
         pass.dispatch_workgroups(1, 1, 1);
     }
 
-    /// Queues the step size for the next update (applied at the next submit).
-    pub fn write_step(&self, queue: &wgpu::Queue, step: f32) {
-        let u = StepUniform {
-            step,
-            momentum: self.momentum,
-            pad: [0.0; 2],
-        };
-        queue.write_buffer(&self.step_buffer, 0, bytemuck::bytes_of(&u));
-    }
-
-    /// Records the fused update of every segment.
+    /// Records the fused update of every segment, with the step in `scalars[2]`
+    /// (skipped whole if `scalars[3]` is not 0).
     pub fn encode_update(
         &self,
         encoder: &mut wgpu::CommandEncoder,
@@ -358,25 +365,31 @@ mod tests {
             pad: [0; 3],
         };
         assert_eq!(geo.dispatch(), (MAX_DIM, 2));
-        let kernels = Kernels::with_geometries(&ctx, &bufs, 0.5, vec![geo]);
+        let config = PolyakConfig::default().momentum(0.5).max_stepsize(100.0);
+        let kernels = Kernels::with_geometries(&ctx, &bufs, &config, vec![geo]);
         let mut rng = SplitMix64::new(11);
         let g: Vec<f32> = (0..n).map(|_| rng.upm1() as f32).collect();
         let p: Vec<f32> = (0..n).map(|_| rng.upm1() as f32).collect();
         bufs.upload_grads(&g).unwrap();
         bufs.upload_params(&p).unwrap();
+        bufs.write_loss(1000.0);
         let mut enc = ctx.device().create_command_encoder(&Default::default());
         bufs.clear_velocity(&mut enc);
         kernels.encode_norm(&mut enc, None);
         bufs.encode_scalars_readback(&mut enc);
         ctx.queue().submit([enc.finish()]);
-        let [_, sqnorm] = bufs.read_scalars().unwrap();
+        let s = bufs.read_scalars().unwrap();
         let exact: f64 = g.iter().map(|&x| f64::from(x) * f64::from(x)).sum();
         assert!(
-            (f64::from(sqnorm) - exact).abs() <= 1e-5 * exact,
-            "{sqnorm} vs {exact}"
+            (f64::from(s.sqnorm) - exact).abs() <= 1e-5 * exact,
+            "{s:?} vs {exact}"
         );
+        // The rule's step, in f32 on the GPU: 1000 / sqnorm (below the cap of 100).
+        let want = 1000.0 / s.sqnorm;
+        assert!((s.step - want).abs() <= 4.0 * f32::EPSILON * want, "{s:?}");
+        assert!(!s.refused);
 
-        kernels.write_step(ctx.queue(), 0.25);
+        bufs.write_step(0.25);
         let mut enc = ctx.device().create_command_encoder(&Default::default());
         kernels.encode_update(&mut enc, None);
         ctx.queue().submit([enc.finish()]);

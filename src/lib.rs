@@ -6,7 +6,9 @@
 //! Parameters, gradients and velocity live in GPU storage buffers. Two WGSL kernels
 //! compute the squared gradient norm (per-workgroup partials, then one workgroup
 //! sums them) and one does the fused momentum/Polyak update. Only the loss and the
-//! squared norm come back to the CPU, where [`polyak_stepsize`] computes the step.
+//! squared norm come back to the CPU, where [`polyak_stepsize`] computes the step
+//! (or, under [`StepSizeMode::Device`], the kernel that finishes the norm computes it
+//! in f32 and the update runs in the same submission: one round trip per step).
 //!
 //! - [`GpuContext`]: the headless device (or one you already have).
 //! - [`PolyakConfig`]: jaxopt's options, with `Default` and builder setters.
@@ -33,7 +35,7 @@ pub mod state;
 pub mod stepsize;
 
 pub use buffers::{ExternalTensor, ParamBuffers};
-pub use config::{NonFinitePolicy, PolyakConfig, Variant};
+pub use config::{NonFinitePolicy, PolyakConfig, StepSizeMode, Variant};
 pub use context::{AdapterChoice, ContextOptions, GpuContext};
 pub use error::{Error, Result};
 pub use evaluation::Evaluation;

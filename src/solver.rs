@@ -1,7 +1,8 @@
 //! `PolyakSgd`: jaxopt's `PolyakSGD` with parameters, gradients and velocity on the GPU.
 
+use crate::buffers::Scalars;
 use crate::buffers::{ExternalTensor, ParamBuffers, device_segment_capacity};
-use crate::config::{NonFinitePolicy, PolyakConfig};
+use crate::config::{NonFinitePolicy, PolyakConfig, StepSizeMode};
 use crate::context::GpuContext;
 use crate::error::{Error, Result};
 use crate::evaluation::Evaluation;
@@ -101,7 +102,7 @@ impl PolyakSgdBuilder {
             .push_error_scope(wgpu::ErrorFilter::OutOfMemory);
         let scope = ctx.device().push_error_scope(wgpu::ErrorFilter::Validation);
         let buffers = ParamBuffers::new(&ctx, layout, config.momentum != 0.0, &external);
-        let kernels = Kernels::new(&ctx, &buffers, config.momentum);
+        let kernels = Kernels::new(&ctx, &buffers, &config);
         let invalid = pollster::block_on(scope.pop());
         if let Some(e) = pollster::block_on(oom.pop()) {
             return Err(Error::OutOfMemory(format!(
@@ -133,10 +134,12 @@ impl PolyakSgdBuilder {
 /// SGD with the Polyak step size on the GPU, with the semantics of jaxopt 0.8.5's
 /// `PolyakSGD`.
 ///
-/// Each update is one submission (the objective's own kernels, then the two norm
-/// passes, then an 8-byte copy of loss and squared norm), one wait for those 8 bytes,
-/// the step size on the CPU, and one submission of the fused update. A step creates no
-/// pipeline, bind group or buffer.
+/// Under [`StepSizeMode::Host`] (the default) each update is one submission (the
+/// objective's own kernels, then the two norm passes, then a 16-byte copy of loss
+/// and squared norm), one wait for those bytes, the step size on the CPU, and one
+/// submission of the fused update. Under [`StepSizeMode::Device`] the step size is
+/// computed on the GPU and the update goes in the first submission: one submission
+/// and one wait per step. A step creates no pipeline, bind group or buffer.
 ///
 /// ```no_run
 /// use polyak_gpu::{GpuContext, Loss, PolyakConfig, PolyakSgd};
@@ -251,7 +254,8 @@ impl PolyakSgd {
     /// each, and returns their medians in milliseconds. Uses GPU timestamps where the
     /// adapter has them, else the wall clock of each phase submitted alone and waited
     /// for. Runs `reps` norms of the current gradient and `reps` updates with the
-    /// last step size, so it changes the parameters (and velocity) like `reps` steps.
+    /// step size the norm pass computes from the loss slot, never refused, so it
+    /// changes the parameters (and velocity) like `reps` steps.
     pub fn time_phases(&mut self, reps: usize) -> Result<PhaseTimes> {
         self.buffers.flush();
         let reps = reps.max(1);
@@ -279,6 +283,7 @@ impl PolyakSgd {
                     end_of_pass_write_index: Some(e),
                 };
                 self.kernels.encode_norm(&mut encoder, Some(writes(0, 1)));
+                self.buffers.clear_refusal(&mut encoder);
                 self.kernels.encode_update(&mut encoder, Some(writes(2, 3)));
                 encoder.resolve_query_set(&set, 0..4, &resolve, 0);
                 self.ctx.queue().submit([encoder.finish()]);
@@ -293,6 +298,7 @@ impl PolyakSgd {
                 let t0 = std::time::Instant::now();
                 let mut encoder = self.encoder();
                 self.kernels.encode_norm(&mut encoder, None);
+                self.buffers.clear_refusal(&mut encoder);
                 self.ctx.queue().submit([encoder.finish()]);
                 self.ctx.wait()?;
                 let t1 = std::time::Instant::now();
@@ -316,7 +322,8 @@ impl PolyakSgd {
     /// of two submissions: less fixed cost per step where N is small. Every method of
     /// the optimizer and of its [`ParamBuffers`] sees the updated parameters; only
     /// work you submit yourself outside the objective does not until you `flush`.
-    /// Off by default.
+    /// Off by default. Has no effect under [`StepSizeMode::Device`], whose update
+    /// is already in the step's only submission.
     pub fn set_deferred_updates(&mut self, on: bool) {
         if !on {
             self.buffers.flush();
@@ -375,33 +382,44 @@ impl PolyakSgd {
         Ok(State::initial(aux))
     }
 
-    /// Runs the objective and both norm passes; returns `(value, sqnorm, aux)`.
+    /// Runs the objective and both norm passes, and the update too if
+    /// `with_update` (the step size then comes from the GPU), in one submission;
+    /// waits for the scalars and returns `(value, scalars, aux)`.
     fn evaluate<A>(
         &mut self,
         f: impl FnOnce(&mut Evaluation<'_>) -> Result<(Loss, A)>,
-    ) -> Result<(f64, f64, A)> {
+        with_update: bool,
+    ) -> Result<(f64, Scalars, A)> {
         let mut encoder = self.encoder();
         let (loss, aux) = f(&mut Evaluation {
             ctx: &self.ctx,
             buffers: &self.buffers,
             encoder: &mut encoder,
         })?;
+        if let (Loss::Host(v), true) = (loss, with_update) {
+            self.buffers.write_loss(v as f32);
+        }
         self.kernels.encode_norm(&mut encoder, None);
+        if with_update {
+            self.kernels.encode_update(&mut encoder, None);
+        }
         self.buffers.encode_scalars_readback(&mut encoder);
         // A deferred update of the previous step goes first, in the same submission.
         self.buffers.submit(encoder.finish());
-        let [device_loss, sqnorm] = self.buffers.read_scalars()?;
+        let scalars = self.buffers.read_scalars()?;
         let value = match loss {
             Loss::Host(v) => v,
-            Loss::Device => f64::from(device_loss),
+            Loss::Device => f64::from(scalars.loss),
         };
-        Ok((value, f64::from(sqnorm), aux))
+        Ok((value, scalars, aux))
     }
 
     /// jaxopt's `update`: one Polyak step from the current parameters.
     ///
     /// Under [`NonFinitePolicy::Refuse`] (the default) a NaN or infinite loss, norm or
-    /// step size returns [`Error::NonFinite`] before anything is written.
+    /// step size returns [`Error::NonFinite`] and the parameters and velocity stay
+    /// as they were (under [`StepSizeMode::Device`] the GPU makes that check and
+    /// skips the update).
     pub fn update<A>(
         &mut self,
         state: &State<A>,
@@ -418,12 +436,23 @@ impl PolyakSgd {
                 stepsize: state.stepsize,
             })?;
         }
-        let (value, sqnorm, aux) = self.evaluate(f)?;
-        let stepsize = polyak_stepsize(value, sqnorm, &self.config, Precision::F32);
+        let on_device = self.config.stepsize_mode == StepSizeMode::Device;
+        let (value, scalars, aux) = self.evaluate(f, on_device)?;
+        let sqnorm = f64::from(scalars.sqnorm);
+        let stepsize = if on_device {
+            f64::from(scalars.step)
+        } else {
+            polyak_stepsize(value, sqnorm, &self.config, Precision::F32)
+        };
         // jaxopt's error is the f32 norm of an f32 gradient.
-        let error = f64::from((sqnorm as f32).sqrt());
-        let finite = value.is_finite() && sqnorm.is_finite() && stepsize.is_finite();
-        if !finite && self.config.nonfinite == NonFinitePolicy::Refuse {
+        let error = f64::from(scalars.sqnorm.sqrt());
+        let refused = if on_device {
+            scalars.refused
+        } else {
+            let finite = value.is_finite() && sqnorm.is_finite() && stepsize.is_finite();
+            !finite && self.config.nonfinite == NonFinitePolicy::Refuse
+        };
+        if refused {
             return Err(Error::NonFinite {
                 iter_num: state.iter_num,
                 value,
@@ -431,13 +460,15 @@ impl PolyakSgd {
                 stepsize,
             });
         }
-        self.kernels.write_step(self.ctx.queue(), stepsize as f32);
-        let mut encoder = self.encoder();
-        self.kernels.encode_update(&mut encoder, None);
-        if self.deferred {
-            self.buffers.defer(encoder.finish());
-        } else {
-            self.buffers.submit(encoder.finish());
+        if !on_device {
+            self.buffers.write_step(stepsize as f32);
+            let mut encoder = self.encoder();
+            self.kernels.encode_update(&mut encoder, None);
+            if self.deferred {
+                self.buffers.defer(encoder.finish());
+            } else {
+                self.buffers.submit(encoder.finish());
+            }
         }
         let next = State {
             iter_num: state.iter_num + 1,
@@ -498,7 +529,7 @@ impl PolyakSgd {
         &mut self,
         f: impl FnOnce(&mut Evaluation<'_>) -> Result<(Loss, A)>,
     ) -> Result<f64> {
-        let (_, sqnorm, _) = self.evaluate(f)?;
-        Ok(sqnorm.sqrt())
+        let (_, scalars, _) = self.evaluate(f, false)?;
+        Ok(f64::from(scalars.sqnorm).sqrt())
     }
 }

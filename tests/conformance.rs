@@ -69,6 +69,18 @@ fn f32_gpu_path_matches_jaxopt_within_the_float32_acceptance() {
 }
 
 #[test]
+fn f32_gpu_path_with_the_step_size_on_the_device_matches_jaxopt_too() {
+    let ctx = common::ctx();
+    for case in &file().cases {
+        let mut case = case.clone();
+        case.config.stepsize_mode = polyak_gpu::StepSizeMode::Device;
+        let c = compare_f32(&case, &replay_gpu(&ctx, &case).unwrap());
+        assert!(c.passed(), "{}: {:?}", case.name, c.failures);
+        assert_eq!(c.iter_num, case.run_result.iter_num, "{}", case.name);
+    }
+}
+
+#[test]
 fn the_comparison_catches_a_wrong_trajectory() {
     // A solver with another max_stepsize must fail the comparison: the check can fail.
     let mut case = file().cases[0].clone();

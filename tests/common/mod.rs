@@ -4,7 +4,7 @@
 use polyak_gpu::conformance::SplitMix64;
 use polyak_gpu::{
     ContextOptions, Evaluation, GpuContext, Loss, PolyakConfig, PolyakSgd, Precision, State,
-    polyak_stepsize,
+    StepSizeMode, polyak_stepsize,
 };
 
 /// The adapter the tests run on: wgpu's choice (lavapipe on CI), honouring the usual
@@ -100,11 +100,19 @@ pub fn check_step(
     (next, got_p, got_v.unwrap_or_else(|| vec![0.0; g.len()]))
 }
 
+/// Two updates from random parameters with random gradients, each checked against
+/// f64 arithmetic, with the step size computed on the host.
 pub fn two_steps(ctx: &GpuContext, n: usize, momentum: f64, seed: u64) {
+    two_steps_in(ctx, n, momentum, seed, StepSizeMode::Host);
+}
+
+/// As [`two_steps`], with the step size computed where `mode` says.
+pub fn two_steps_in(ctx: &GpuContext, n: usize, momentum: f64, seed: u64, mode: StepSizeMode) {
     let cfg = PolyakConfig::default()
         .momentum(momentum)
         .fun_min(-1.0)
-        .max_stepsize(1e6);
+        .max_stepsize(1e6)
+        .stepsize_mode(mode);
     let p0 = random(seed, n);
     let mut opt = PolyakSgd::new(ctx, cfg, &p0).unwrap();
     let g1 = random(seed + 1, n);

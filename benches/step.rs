@@ -2,7 +2,7 @@
 //! wgpu picks (lavapipe here): `cargo bench --bench step`.
 
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
-use polyak_gpu::{GpuContext, Loss, PolyakConfig, PolyakSgd, bench};
+use polyak_gpu::{GpuContext, Loss, PolyakConfig, PolyakSgd, StepSizeMode, bench};
 
 fn steps(c: &mut Criterion) {
     let ctx = GpuContext::new().expect("a wgpu adapter");
@@ -11,7 +11,7 @@ fn steps(c: &mut Criterion) {
     group.sample_size(20);
     for n in [10_000usize, 100_000, 1_000_000] {
         let cfg = PolyakConfig::default().momentum(0.9).max_stepsize(1e-3);
-        let mut opt = PolyakSgd::new(&ctx, cfg, &vec![0.0; n]).unwrap();
+        let mut opt = PolyakSgd::new(&ctx, cfg.clone(), &vec![0.0; n]).unwrap();
         bench::fill(&opt, true, 1, 1.0).unwrap();
         bench::fill(&opt, false, 2, 1e-3).unwrap();
         let keep = |_: &mut polyak_gpu::Evaluation<'_>| Ok((Loss::Host(0.5), ()));
@@ -22,6 +22,23 @@ fn steps(c: &mut Criterion) {
                 state = opt.update(&state, keep).unwrap();
             })
         });
+        // The same step with the step size computed on the GPU: one submission.
+        let mut on_device = PolyakSgd::new(
+            &ctx,
+            cfg.clone().stepsize_mode(StepSizeMode::Device),
+            &vec![0.0; n],
+        )
+        .unwrap();
+        bench::fill(&on_device, true, 1, 1.0).unwrap();
+        bench::fill(&on_device, false, 2, 1e-3).unwrap();
+        let loss_in_slot = |_: &mut polyak_gpu::Evaluation<'_>| Ok((Loss::Device, ()));
+        let mut device_state = on_device.init_state(loss_in_slot).unwrap();
+        group.bench_with_input(BenchmarkId::new("step (device rule)", n), &n, |b, _| {
+            b.iter(|| {
+                device_state = on_device.update(&device_state, loss_in_slot).unwrap();
+            })
+        });
+        drop(on_device);
         group.bench_with_input(BenchmarkId::new("norm+readback", n), &n, |b, _| {
             b.iter(|| opt.l2_optimality_error(keep).unwrap())
         });

@@ -1,6 +1,6 @@
 //! Least squares on the GPU: the loss and the gradient come from this example's own
 //! WGSL kernel (`quickstart.wgsl`), written straight into the optimizer's buffers, so
-//! only the loss and the squared norm (8 bytes) cross to the CPU each step.
+//! only the loss, the squared norm and the step size (16 bytes) cross to the CPU each step.
 //!
 //! ```text
 //! cargo run --release --example quickstart

@@ -50,6 +50,6 @@ pub enum Loss {
     Host(f64),
     /// The objective's kernels wrote the loss as one `f32` into the optimizer's loss
     /// slot ([`crate::ParamBuffers::loss_binding`]); it comes back together with the
-    /// norm in one 8-byte readback.
+    /// norm in one 16-byte readback.
     Device,
 }

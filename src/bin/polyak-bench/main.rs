@@ -9,6 +9,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 use polyak_gpu::bench::{CopyBench, CpuBaseline, fill};
 use polyak_gpu::{
     AdapterChoice, ContextOptions, Evaluation, GpuContext, Loss, PolyakConfig, PolyakSgd, Result,
+    StepSizeMode,
 };
 use serde_json::{Value, json};
 use std::time::Instant;
@@ -24,6 +25,8 @@ options:
   --cpu-max N         largest size for the CPU baseline (default 1e9)
   --max-workgroups N  cap on workgroups per dispatch (default: by adapter)
   --deferred on|off   submit each update with the next step (default off)
+  --stepsize M        host | device: where the step size is computed (default host;
+                      the fixed overhead is measured both ways whatever this says)
   --json FILE         also write the results as JSON
 ";
 
@@ -36,6 +39,7 @@ struct Args {
     cpu_max: usize,
     max_workgroups: Option<u32>,
     deferred: bool,
+    stepsize: StepSizeMode,
     json: Option<String>,
 }
 
@@ -58,6 +62,7 @@ fn parse_args() -> std::result::Result<Args, String> {
         cpu_max: 1_000_000_000,
         max_workgroups: None,
         deferred: false,
+        stepsize: StepSizeMode::Host,
         json: None,
     };
     let mut it = std::env::args().skip(1);
@@ -93,6 +98,13 @@ fn parse_args() -> std::result::Result<Args, String> {
             "--cpu-max" => a.cpu_max = parse_count(&value)?,
             "--max-workgroups" => a.max_workgroups = Some(parse_count(&value)? as u32),
             "--deferred" => a.deferred = value == "on",
+            "--stepsize" => {
+                a.stepsize = match value.as_str() {
+                    "host" => StepSizeMode::Host,
+                    "device" => StepSizeMode::Device,
+                    _ => return Err(format!("--stepsize host|device, not {value:?}")),
+                }
+            }
             "--json" => a.json = Some(value),
             _ => return Err(format!("unknown option {flag}")),
         }
@@ -128,13 +140,26 @@ fn available_bytes() -> u64 {
     proc_kb("/proc/meminfo", "MemAvailable:").map_or(u64::MAX, |kb| kb * 1024)
 }
 
-fn keep(_: &mut Evaluation<'_>) -> Result<(Loss, ())> {
-    // The gradient is already in place (filled on the device); the loss is fixed.
-    Ok((Loss::Host(0.5), ()))
+/// The objective of a benchmark step: the gradient is already in place (filled on
+/// the device) and the loss is fixed at 0.5. Under the host rule it is handed over
+/// on the host; under the device rule it already sits in the loss slot, as a GPU
+/// objective's kernel would leave it.
+fn keep(_: &mut Evaluation<'_>, stepsize: StepSizeMode) -> Result<(Loss, ())> {
+    Ok(match stepsize {
+        StepSizeMode::Host => (Loss::Host(0.5), ()),
+        StepSizeMode::Device => (Loss::Device, ()),
+    })
 }
 
 /// Median ms per step of `opt` over `reps` steps after `warmup`.
 fn time_steps(opt: &mut PolyakSgd, warmup: usize, reps: usize) -> Result<Vec<f64>> {
+    let mode = opt.config().stepsize_mode;
+    let keep = |ev: &mut Evaluation<'_>| keep(ev, mode);
+    opt.context().queue().write_buffer(
+        opt.buffers().scalars_buffer(),
+        0,
+        bytemuck::bytes_of(&0.5f32),
+    );
     let mut state = opt.init_state(keep)?;
     for _ in 0..warmup {
         state = opt.update(&state, keep)?;
@@ -155,11 +180,28 @@ fn time_steps(opt: &mut PolyakSgd, warmup: usize, reps: usize) -> Result<Vec<f64
     Ok(times)
 }
 
-fn config(momentum: bool) -> PolyakConfig {
+fn config(momentum: bool, stepsize: StepSizeMode) -> PolyakConfig {
     // A tiny cap keeps parameters bounded however many steps the benchmark takes.
     PolyakConfig::default()
         .momentum(if momentum { 0.9 } else { 0.0 })
         .max_stepsize(1e-3)
+        .stepsize_mode(stepsize)
+}
+
+/// Median ms of a step at N = 4, where everything but the round trip is nil.
+fn fixed_overhead(ctx: &GpuContext, args: &Args, stepsize: StepSizeMode) -> Result<f64> {
+    let mut tiny = PolyakSgd::new(ctx, config(true, stepsize), &[0.5; 4])?;
+    tiny.set_deferred_updates(args.deferred);
+    fill(&tiny, false, 3, 1e-3)?;
+    let mut times = time_steps(&mut tiny, args.warmup.max(3), args.reps.max(20))?;
+    Ok(stats(&mut times).0)
+}
+
+fn mode_name(m: StepSizeMode) -> &'static str {
+    match m {
+        StepSizeMode::Host => "host",
+        StepSizeMode::Device => "device",
+    }
 }
 
 fn main() {
@@ -213,17 +255,21 @@ fn run(args: &Args) -> Result<()> {
     let copy_gbps = CopyBench::new(&ctx, copy_n).gbps(20)?;
     println!("copy rate: {copy_gbps:.1} GB/s (vec4 copy kernel, {copy_n} f32, read + write)");
 
-    // Fixed cost of a step: 4 parameters, so everything but the round trip is nil.
-    let mut tiny = PolyakSgd::new(&ctx, config(true), &[0.5; 4])?;
-    tiny.set_deferred_updates(args.deferred);
-    fill(&tiny, false, 3, 1e-3)?;
-    let (overhead_ms, _, _) = stats(&mut time_steps(
-        &mut tiny,
-        args.warmup.max(3),
-        args.reps.max(20),
-    )?);
-    drop(tiny);
-    println!("fixed per-step overhead (N = 4): {overhead_ms:.4} ms\n");
+    // Fixed cost of a step, with the step size computed on either side.
+    let overhead_host_ms = fixed_overhead(&ctx, args, StepSizeMode::Host)?;
+    let overhead_device_ms = fixed_overhead(&ctx, args, StepSizeMode::Device)?;
+    let overhead_ms = match args.stepsize {
+        StepSizeMode::Host => overhead_host_ms,
+        StepSizeMode::Device => overhead_device_ms,
+    };
+    println!(
+        "fixed per-step overhead (N = 4): {overhead_host_ms:.4} ms with the step size on the \
+         host, {overhead_device_ms:.4} ms on the device"
+    );
+    println!(
+        "rows below: step size on the {}\n",
+        mode_name(args.stepsize)
+    );
 
     let total = args.sizes.len() * args.momentum.len();
     let bar = ProgressBar::new(total as u64);
@@ -313,8 +359,11 @@ fn run(args: &Args) -> Result<()> {
             "timestamps": timestamps,
             "max_workgroups": ctx.max_workgroups(),
             "deferred_updates": args.deferred,
+            "stepsize_mode": mode_name(args.stepsize),
             "copy_GBps": copy_gbps,
             "overhead_ms": overhead_ms,
+            "overhead_host_ms": overhead_host_ms,
+            "overhead_device_ms": overhead_device_ms,
             "peak_rss_MiB": peak_rss_mib(),
             "rows": rows,
         });
@@ -328,7 +377,7 @@ fn run(args: &Args) -> Result<()> {
 /// Median ms per step of the multi-threaded CPU baseline, and its thread count.
 fn cpu_baseline(args: &Args, n: usize, momentum: bool) -> (f64, usize) {
     let mut cpu = CpuBaseline::new(n, momentum, 0);
-    let cfg = config(momentum);
+    let cfg = config(momentum, StepSizeMode::Host);
     for _ in 0..args.warmup {
         cpu.step(0.5, &cfg);
     }
@@ -370,7 +419,7 @@ fn measure(
         return row;
     }
     let gpu = (|| -> Result<Value> {
-        let mut opt = PolyakSgd::new_zeroed(ctx, config(momentum), n)?;
+        let mut opt = PolyakSgd::new_zeroed(ctx, config(momentum, args.stepsize), n)?;
         opt.set_deferred_updates(args.deferred);
         fill(&opt, true, 1, 1.0)?;
         fill(&opt, false, 2, 1e-3)?;

@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# One device call (about 6 minutes on an H200): the GPU correctness of both step-size
+# modes, polyak-bench with each, and the peers at the sizes where the fixed cost and
+# the bandwidth show. Logs and JSON go to $OUT. Prepare with benches/gpu/prepare.sh.
+set -u
+OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
+B=gpu-bin
+SIZES=${SIZES:-1e4,1e6,1e7,1e8,1e9}
+PEERS=${PEERS:-1e4,1e8}
+export XDG_RUNTIME_DIR=/tmp
+if [ -z "${DRY:-}" ]; then  # DRY=1: try the script here, on lavapipe
+  for f in .gl/*.deb; do dpkg -x "$f" /; done; ldconfig
+  export VK_DRIVER_FILES=/usr/local/nvidia/share/vulkan/icd.d/nvidia_icd.json
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl &&
+    export PYTHONPATH=/tmp/site
+fi
+step() { echo; echo "=== $* ($(date +%T))"; }
+{
+  step card; nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv 2>&1
+  step conformance, host step size; timeout 60 $B/conformance tests/data/jaxopt_polyak_reference.json 2>&1 | tail -10
+  step conformance, device step size; timeout 60 $B/conformance tests/data/jaxopt_polyak_reference.json --device-step 2>&1 | tail -10
+  step stepsize_mode tests; timeout 90 $B/stepsize_mode --test-threads 1 2>&1 | grep -E "^test |test result|panicked|assert" | head -30
+  step solver tests; timeout 90 $B/solver --test-threads 1 2>&1 | grep -E "test result|panicked|FAILED" | head
+  step polyak-bench host; timeout 150 $B/polyak-bench --sizes "$SIZES" --json "$OUT/bench-host.json" 2>&1
+  step polyak-bench device; timeout 90 $B/polyak-bench --sizes "$SIZES" --stepsize device --cpu-max 1 --json "$OUT/bench-device.json" 2>&1
+  step peers; PYTHONUNBUFFERED=1 timeout 120 python3 benches/peers/peers.py --sizes "$PEERS" --reps 20 --json "$OUT/peers.json" 2>&1 | grep -v -i warn
+  step done
+} 2>&1 | tee "$OUT/log.txt"

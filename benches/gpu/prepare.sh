@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# Run here (no GPU needed) before a device call: builds the release binaries the
+# device check runs into gpu-bin/, and fetches the Vulkan loader (.gl/) and the
+# jaxopt wheel (.whl/) the GPU machine cannot download. All three are ignored by
+# git; carry them: run(carry=[".gl", ".whl", "gpu-bin"], command="bash benches/gpu/check.sh").
+set -euo pipefail
+cd "$(git rev-parse --show-toplevel)"
+if ! ls .gl/libvulkan1_*.deb >/dev/null 2>&1; then
+  mkdir -p .gl /tmp/amd64/partial
+  o='-oAPT::Architecture=amd64 -oAPT::Architectures=amd64 -oDir::State::Lists=/tmp/amd64'
+  apt-get $o update >/dev/null
+  (cd .gl && apt-get $o download libvulkan1 libegl1 libglvnd0 libopengl0 libgl1 libglx0 libgles2)
+fi
+if ! ls .whl/jaxopt-0.8.5-*.whl >/dev/null 2>&1; then
+  python3 -m pip download -q --no-deps --only-binary :all: -d .whl jaxopt==0.8.5
+fi
+mkdir -p gpu-bin
+cargo build --release --bin polyak-bench --example conformance --example quickstart
+for b in polyak-bench examples/conformance examples/quickstart; do
+  cp "target/release/$b" gpu-bin/
+done
+# Test binaries that read no file by path (the conformance tests do; the example
+# above replays the same cases from a path given on its command line).
+for t in stepsize_mode solver; do
+  bin=$(cargo test --release --no-run --test "$t" --message-format=json 2>/dev/null |
+    python3 -c 'import json,sys
+for l in sys.stdin:
+    m = json.loads(l)
+    if m.get("reason") == "compiler-artifact" and m.get("executable"): print(m["executable"])' | tail -1)
+  cp "$bin" "gpu-bin/$t"
+done
+strip gpu-bin/* 2>/dev/null || true
+du -sh .gl .whl gpu-bin

@@ -246,3 +246,8 @@ impl CpuBaseline {
         self.threads
     }
 }
+
+/// Host memory this process held at its peak, in MiB (Linux; 0 where unknown).
+pub fn peak_rss_mib() -> f64 {
+    crate::context::proc_kb("/proc/self/status", "VmHWM:").map_or(0.0, |kb| kb as f64 / 1024.0)
+}

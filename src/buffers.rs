@@ -126,8 +126,6 @@ pub(crate) struct Segment {
     pub velocity: Option<Region>,
     /// Length in elements (a multiple of 4).
     pub len: usize,
-    /// Whether the parameter and gradient buffers are the user's.
-    pub external: bool,
 }
 
 /// Parameters, gradients and velocity on the GPU, laid out by a [`Layout`], plus the
@@ -150,6 +148,26 @@ pub struct ParamBuffers {
     /// A recorded update not yet submitted (deferred updates): it goes out with the
     /// next submission, or alone on [`ParamBuffers::flush`].
     pending: Mutex<Option<wgpu::CommandBuffer>>,
+}
+
+/// Bytes of vectors the optimizer allocates for `layout`: parameters and gradients of
+/// the segments it owns, and a velocity for every segment if `with_velocity`.
+pub(crate) fn vector_bytes(layout: &Layout, with_velocity: bool) -> u64 {
+    let mut external = vec![false; layout.segment_lens().len()];
+    for t in layout.tensors().iter().filter(|t| t.external) {
+        for p in &t.parts {
+            external[p.segment] = true;
+        }
+    }
+    layout
+        .segment_lens()
+        .iter()
+        .zip(external)
+        .map(|(&len, ext)| {
+            let vectors = 2 * usize::from(!ext) + usize::from(with_velocity);
+            len as u64 * 4 * vectors as u64
+        })
+        .sum()
 }
 
 /// The most f32 elements one segment may hold on this device.
@@ -207,7 +225,6 @@ impl ParamBuffers {
             .iter()
             .zip(user)
             .map(|(&len, user)| {
-                let external = user.is_some();
                 let (params, grads) = user.unwrap_or_else(|| (own(len), own(len)));
                 Segment {
                     params,
@@ -217,7 +234,6 @@ impl ParamBuffers {
                         offset: 0,
                     }),
                     len,
-                    external,
                 }
             })
             .collect();
@@ -283,13 +299,7 @@ impl ParamBuffers {
     /// gradients of the tensors it owns, and the velocity (user-owned buffers and the
     /// few-KiB scratch of the norm are not counted).
     pub fn device_bytes(&self) -> u64 {
-        self.segments
-            .iter()
-            .map(|s| {
-                let vectors = 2 * usize::from(!s.external) + usize::from(s.velocity.is_some());
-                (s.len * 4 * vectors) as u64
-            })
-            .sum()
+        vector_bytes(&self.layout, self.has_velocity())
     }
 
     /// The 4-byte slot the objective's kernel writes the loss into (`f32`), for

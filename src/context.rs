@@ -228,6 +228,27 @@ impl GpuContext {
         self.info.as_ref()
     }
 
+    /// Whether the adapter runs on the CPU (lavapipe), where device memory is host
+    /// memory. `false` for a caller-provided device.
+    pub fn is_cpu(&self) -> bool {
+        self.info
+            .as_ref()
+            .is_some_and(|i| i.device_type == wgpu::DeviceType::Cpu)
+    }
+
+    /// Bytes that new buffers may take, where that is known: on a CPU adapter the
+    /// host's available memory (Linux `/proc/meminfo`), since such an adapter
+    /// over-commits and a model larger than memory would be killed on first use
+    /// rather than fail to allocate. `None` on GPUs, whose free memory wgpu does not
+    /// report: there a model too large fails at allocation instead.
+    pub fn available_memory(&self) -> Option<u64> {
+        if self.is_cpu() {
+            proc_kb("/proc/meminfo", "MemAvailable:").map(|kb| kb * 1024)
+        } else {
+            None
+        }
+    }
+
     /// Upper bound on the workgroups of one norm or update dispatch.
     pub fn max_workgroups(&self) -> u32 {
         self.max_workgroups
@@ -251,6 +272,18 @@ impl GpuContext {
             .map(|_| ())
             .map_err(|e| Error::Device(e.to_string()))
     }
+}
+
+/// The kB figure after `key` in a /proc file (Linux; `None` elsewhere).
+pub(crate) fn proc_kb(file: &str, key: &str) -> Option<u64> {
+    std::fs::read_to_string(file)
+        .ok()?
+        .lines()
+        .find(|l| l.starts_with(key))?
+        .split_whitespace()
+        .nth(1)?
+        .parse()
+        .ok()
 }
 
 fn default_max_workgroups(kind: wgpu::DeviceType) -> u32 {

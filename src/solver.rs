@@ -1,7 +1,7 @@
 //! `PolyakSgd`: jaxopt's `PolyakSGD` with parameters, gradients and velocity on the GPU.
 
 use crate::buffers::Scalars;
-use crate::buffers::{ExternalTensor, ParamBuffers, device_segment_capacity};
+use crate::buffers::{ExternalTensor, ParamBuffers, device_segment_capacity, vector_bytes};
 use crate::config::{NonFinitePolicy, PolyakConfig, StepSizeMode};
 use crate::context::GpuContext;
 use crate::error::{Error, Result};
@@ -95,6 +95,15 @@ impl PolyakSgdBuilder {
             layout.place_external(&e.spec)?;
         }
         let layout = layout.finish()?;
+        let needed = vector_bytes(&layout, config.momentum != 0.0);
+        if let Some(available) = ctx.available_memory() {
+            if needed > available {
+                return Err(Error::OutOfMemory(format!(
+                    "{needed} bytes of vectors, {available} bytes of host memory available \
+                     to this CPU adapter"
+                )));
+            }
+        }
         // A buffer of another device shows up as a validation error when bound; a
         // model too large for the device as an out-of-memory error.
         let oom = ctx

@@ -398,3 +398,34 @@ fn a_deferred_update_reaches_user_buffers_when_the_optimizer_is_dropped() {
         assert!((a - b).abs() <= 1e-6 * (1.0 + b.abs()), "{a} vs {b}");
     }
 }
+
+#[test]
+fn a_model_larger_than_the_adapters_memory_is_an_error_not_a_crash() {
+    let ctx = ctx();
+    let Some(available) = ctx.available_memory() else {
+        eprintln!(
+            "skipped: a GPU does not report its free memory (benches/gpu/check.sh asks one for 2e10 parameters)"
+        );
+        return;
+    };
+    // 12 bytes per parameter with momentum: twice what is available. On a CPU adapter
+    // the buffers would be over-committed and the process killed on first use.
+    let n = (available / 6) as usize;
+    let cfg = PolyakConfig::default().momentum(0.9);
+    match PolyakSgd::new_zeroed(&ctx, cfg.clone(), n) {
+        Err(Error::OutOfMemory(msg)) => {
+            // "<bytes> bytes of vectors, <bytes> bytes of host memory available ..."
+            let needed: u64 = msg.split(' ').next().unwrap().parse().unwrap();
+            assert!(needed >= 12 * n as u64, "{msg}");
+            assert!(msg.contains("host memory available"), "{msg}");
+        }
+        other => panic!("expected OutOfMemory, got {other:?}"),
+    }
+    // without momentum it needs a third less, still too much
+    assert!(matches!(
+        PolyakSgd::new_zeroed(&ctx, PolyakConfig::default(), n),
+        Err(Error::OutOfMemory(_))
+    ));
+    // and a model that fits is built and steps as before
+    two_steps(&ctx, 1000, 0.9, 6);
+}

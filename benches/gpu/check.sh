@@ -23,6 +23,8 @@ step() { echo; echo "=== $* ($(date +%T))"; }
   step solver tests; timeout 90 $B/solver --test-threads 1 2>&1 | grep -E "test result|panicked|FAILED" | head
   step polyak-bench host; timeout 150 $B/polyak-bench --sizes "$SIZES" --json "$OUT/bench-host.json" 2>&1
   step polyak-bench device; timeout 90 $B/polyak-bench --sizes "$SIZES" --stepsize device --cpu-max 1 --json "$OUT/bench-device.json" 2>&1
+  step out of memory: 2e10 parameters, 240 GB; expect a does-not-fit row, not a crash
+  timeout 90 $B/polyak-bench --sizes 2e10 --momentum on --cpu-max 1 --reps 2 2>&1 | tail -5
   step peers; PYTHONUNBUFFERED=1 timeout 120 python3 benches/peers/peers.py --sizes "$PEERS" --reps 20 --json "$OUT/peers.json" 2>&1 | grep -v -i warn
   step done
 } 2>&1 | tee "$OUT/log.txt"

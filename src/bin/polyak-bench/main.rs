@@ -6,7 +6,7 @@
 //! ```
 
 use indicatif::{ProgressBar, ProgressStyle};
-use polyak_gpu::bench::{CopyBench, CpuBaseline, fill};
+use polyak_gpu::bench::{self, CopyBench, CpuBaseline, fill};
 use polyak_gpu::{
     AdapterChoice, ContextOptions, Evaluation, GpuContext, Loss, PolyakConfig, PolyakSgd, Result,
     StepSizeMode,
@@ -118,28 +118,6 @@ fn stats(v: &mut [f64]) -> (f64, f64, f64) {
     (at(0.5), at(0.1), at(0.9))
 }
 
-/// The kB figure after `key` in a /proc file (Linux; `None` elsewhere).
-fn proc_kb(file: &str, key: &str) -> Option<u64> {
-    std::fs::read_to_string(file)
-        .ok()?
-        .lines()
-        .find(|l| l.starts_with(key))?
-        .split_whitespace()
-        .nth(1)?
-        .parse()
-        .ok()
-}
-
-/// Host memory the process held at its peak, in MiB (0 where unknown).
-fn peak_rss_mib() -> f64 {
-    proc_kb("/proc/self/status", "VmHWM:").map_or(0.0, |kb| kb as f64 / 1024.0)
-}
-
-/// Host memory available now, in bytes (`u64::MAX` where unknown).
-fn available_bytes() -> u64 {
-    proc_kb("/proc/meminfo", "MemAvailable:").map_or(u64::MAX, |kb| kb * 1024)
-}
-
 /// The objective of a benchmark step: the gradient is already in place (filled on
 /// the device) and the loss is fixed at 0.5. Under the host rule it is handed over
 /// on the host; under the device rule it already sits in the loss slot, as a GPU
@@ -228,9 +206,6 @@ fn run(args: &Args) -> Result<()> {
         ..Default::default()
     })?;
     let info = ctx.adapter_info().cloned();
-    let is_cpu = info
-        .as_ref()
-        .is_some_and(|i| i.device_type == wgpu::DeviceType::Cpu);
     let timestamps = ctx
         .device()
         .features()
@@ -284,7 +259,7 @@ fn run(args: &Args) -> Result<()> {
                 "N = {n:e}, momentum {}",
                 if momentum { "on" } else { "off" }
             ));
-            rows.push(measure(&ctx, args, n, momentum, copy_gbps, is_cpu));
+            rows.push(measure(&ctx, args, n, momentum, copy_gbps));
             bar.inc(1);
         }
     }
@@ -348,7 +323,7 @@ fn run(args: &Args) -> Result<()> {
     }
     println!("\nfloor = bytes per parameter (24 with momentum, 16 without) x N / copy rate;");
     println!("%floor = floor / step time (100% = as fast as a copy of the same bytes)");
-    println!("peak host RSS: {:.0} MiB", peak_rss_mib());
+    println!("peak host RSS: {:.0} MiB", bench::peak_rss_mib());
 
     if let Some(path) = &args.json {
         let out = json!({
@@ -364,7 +339,7 @@ fn run(args: &Args) -> Result<()> {
             "overhead_ms": overhead_ms,
             "overhead_host_ms": overhead_host_ms,
             "overhead_device_ms": overhead_device_ms,
-            "peak_rss_MiB": peak_rss_mib(),
+            "peak_rss_MiB": bench::peak_rss_mib(),
             "rows": rows,
         });
         std::fs::write(path, serde_json::to_string_pretty(&out).unwrap_or_default())
@@ -399,19 +374,12 @@ fn mom(r: &Value) -> &'static str {
     }
 }
 
-fn measure(
-    ctx: &GpuContext,
-    args: &Args,
-    n: usize,
-    momentum: bool,
-    copy_gbps: f64,
-    is_cpu: bool,
-) -> Value {
+fn measure(ctx: &GpuContext, args: &Args, n: usize, momentum: bool, copy_gbps: f64) -> Value {
     let bytes_per_param = if momentum { 24 } else { 16 };
     let mut row = json!({"n": n, "momentum": momentum, "bytes_per_param": bytes_per_param});
     let vectors = (n as u64) * if momentum { 12 } else { 8 };
     // On a CPU adapter the "device" memory is host memory: leave room for the baseline.
-    if is_cpu && 2 * vectors > available_bytes() {
+    if ctx.available_memory().is_some_and(|a| 2 * vectors > a) {
         row["error"] = json!(format!(
             "skipped: {} GB of vectors do not fit in host memory",
             vectors as f64 / 1e9

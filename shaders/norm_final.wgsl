@@ -3,6 +3,10 @@
 // invocation then applies the Polyak step-size rule in f32 (jaxopt's float32 path)
 // and writes the step and the verdict that the update reads. Under the host step-size
 // mode the CPU overwrites both before the update runs.
+//
+// Pipelined runs (several steps submitted per readback) arm a halt: once a step is
+// refused, or `run`'s stopping rule holds after a step, the later steps already
+// submitted are skipped whole, so the parameters end as if the CPU had stopped there.
 
 struct Rule {
     n: u32,            // number of partials
@@ -18,8 +22,13 @@ struct Rule {
 // binding 0: the partial sums written by norm_partials.wgsl.
 @group(0) @binding(0) var<storage, read> partials: array<f32>;
 // binding 1: the scalars slot: [0] = loss (written by the objective), [1] = squared
-// norm, [2] = step size, [3] = 1.0 if the update must not run, else 0.0.
-@group(0) @binding(1) var<storage, read_write> scalars: array<f32, 4>;
+// norm, [2] = step size, [3] = verdict: 0.0 = the update runs, 1.0 = refused (a
+// non-finite step), 2.0 = skipped (an earlier step halted the run); [4] = 1.0 once
+// halted; [5] = what halts (written by the CPU): 0.0 = nothing (single updates),
+// 1.0 = a refusal (run_iterator), 2.0 = a refusal or the stopping rule (run);
+// [6] = the squared norm at or below which `run` stops (its `error <= tol` in f32
+// terms).
+@group(0) @binding(1) var<storage, read_write> scalars: array<f32, 8>;
 // binding 2: the partial count and the step-size options.
 @group(0) @binding(2) var<uniform> rule: Rule;
 
@@ -109,8 +118,19 @@ fn main(@builtin(local_invocation_index) lid: u32) {
         let sqnorm = sums[0];
         let step = polyak_step(loss, sqnorm);
         let finite = is_finite(loss) && is_finite(sqnorm) && is_finite(step);
+        let refused = rule.refuse == 1u && !finite;
         scalars[1] = sqnorm;
         scalars[2] = step;
-        scalars[3] = select(0.0, 1.0, rule.refuse == 1u && !finite);
+        let halts = scalars[5];
+        if (halts != 0.0 && scalars[4] != 0.0) {
+            scalars[3] = 2.0;
+            return;
+        }
+        scalars[3] = select(0.0, 1.0, refused);
+        // `run` stops once !(error > tol): a NaN norm stops it too.
+        let stop = halts == 2.0 && (is_nan(sqnorm) || sqnorm <= scalars[6]);
+        if ((halts != 0.0 && refused) || stop) {
+            scalars[4] = 1.0;
+        }
     }
 }

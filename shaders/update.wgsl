@@ -23,8 +23,8 @@ struct Geometry {
 // binding 3: this segment's dispatch geometry.
 @group(0) @binding(3) var<uniform> geo: Geometry;
 // binding 4: the scalars slot of norm_final.wgsl: [2] = the step size (rounded to
-// f32), [3] = 1.0 if this update must not run (a refused non-finite step).
-@group(0) @binding(4) var<storage, read> scalars: array<f32, 4>;
+// f32), [3] = not 0.0 if this update must not run (refused, or the run halted).
+@group(0) @binding(4) var<storage, read> scalars: array<f32, 8>;
 
 const WG: u32 = 256u;
 // The momentum coefficient, fixed for the optimizer's lifetime.

@@ -113,8 +113,34 @@ pub(crate) struct Scalars {
     pub sqnorm: f32,
     /// The step size the norm pass computed in f32.
     pub step: f32,
-    /// Whether the norm pass refused the step (non-finite under `Refuse`).
-    pub refused: bool,
+    /// What became of the update of this step.
+    pub verdict: Verdict,
+}
+
+/// What the norm pass decided about a step's update (`scalars[3]`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Verdict {
+    /// The update runs.
+    Applied,
+    /// A non-finite loss, norm or step under `Refuse`: the update does not run.
+    Refused,
+    /// An earlier step of a pipelined run halted it: the update does not run.
+    Skipped,
+}
+
+impl Scalars {
+    fn from_f32(v: &[f32]) -> Self {
+        Scalars {
+            loss: v[0],
+            sqnorm: v[1],
+            step: v[2],
+            verdict: match v[3] {
+                0.0 => Verdict::Applied,
+                1.0 => Verdict::Refused,
+                _ => Verdict::Skipped,
+            },
+        }
+    }
 }
 
 /// The three vectors of one segment.
@@ -129,8 +155,8 @@ pub(crate) struct Segment {
 }
 
 /// Parameters, gradients and velocity on the GPU, laid out by a [`Layout`], plus the
-/// 16-byte scalars slot (loss, squared norm, step size, refusal) and its readback
-/// buffer.
+/// 32-byte scalars slot (loss, squared norm, step size, verdict, halt state) and its
+/// readback buffer.
 ///
 /// A user's kernels bind tensors through [`ParamBuffers::params_bindings`] and
 /// [`ParamBuffers::grads_bindings`] and write the loss through
@@ -140,9 +166,11 @@ pub struct ParamBuffers {
     ctx: GpuContext,
     layout: Layout,
     pub(crate) segments: Vec<Segment>,
-    /// `[loss, sqnorm, step, refused]` as f32 (see `norm_final.wgsl`).
+    /// `[loss, sqnorm, step, verdict, halted, halts, stop threshold, -]` as f32 (see
+    /// `norm_final.wgsl`).
     pub(crate) scalars: wgpu::Buffer,
-    /// MAP_READ copy of `scalars`, read once per step.
+    /// MAP_READ copies of the first 16 bytes of `scalars`, one slot per step of a
+    /// pipelined run (one slot otherwise).
     staging: wgpu::Buffer,
     map_result: Arc<Mutex<Option<bool>>>,
     /// A recorded update not yet submitted (deferred updates): it goes out with the
@@ -187,6 +215,7 @@ impl ParamBuffers {
         layout: Layout,
         with_velocity: bool,
         external: &[ExternalTensor],
+        readback_slots: usize,
     ) -> Self {
         let device = ctx.device();
         let storage = |label: &str, len: usize| {
@@ -237,10 +266,10 @@ impl ParamBuffers {
                 }
             })
             .collect();
-        let scalars = storage("polyak scalars", 4);
+        let scalars = storage("polyak scalars", 8);
         let staging = device.create_buffer(&wgpu::BufferDescriptor {
             label: Some("polyak scalars readback"),
-            size: 16,
+            size: 16 * readback_slots.max(1) as u64,
             usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
             mapped_at_creation: false,
         });
@@ -302,6 +331,11 @@ impl ParamBuffers {
         vector_bytes(&self.layout, self.has_velocity())
     }
 
+    /// Bytes of the scalars slot and its readback buffer.
+    pub(crate) fn scalar_bytes(&self) -> u64 {
+        self.scalars.size() + self.staging.size()
+    }
+
     /// The 4-byte slot the objective's kernel writes the loss into (`f32`), for
     /// [`crate::Loss::Device`].
     pub fn loss_binding(&self) -> wgpu::BufferBinding<'_> {
@@ -312,8 +346,9 @@ impl ParamBuffers {
         }
     }
 
-    /// The 16-byte buffer holding `[loss, sqnorm, step, refused]` as f32 (for copying
-    /// a loss computed elsewhere into offset 0; the rest is the optimizer's).
+    /// The 32-byte buffer holding the loss at offset 0 as f32 (for copying a loss
+    /// computed elsewhere there), then the optimizer's own scalars (squared norm,
+    /// step size, verdict, halt state).
     pub fn scalars_buffer(&self) -> &wgpu::Buffer {
         &self.scalars
     }
@@ -504,23 +539,38 @@ impl ParamBuffers {
         }
     }
 
-    /// Records the copy of the scalars into the readback buffer.
-    pub(crate) fn encode_scalars_readback(&self, encoder: &mut wgpu::CommandEncoder) {
-        encoder.copy_buffer_to_buffer(&self.scalars, 0, &self.staging, 0, 16);
+    /// Records the copy of loss, squared norm, step and verdict into readback slot
+    /// `slot`.
+    pub(crate) fn encode_scalars_readback(&self, encoder: &mut wgpu::CommandEncoder, slot: usize) {
+        encoder.copy_buffer_to_buffer(&self.scalars, 0, &self.staging, 16 * slot as u64, 16);
     }
 
-    /// Waits for the submitted readback copy and returns `[loss, sqnorm, step,
-    /// refused]`. Allocates nothing of its own.
+    /// Waits for the submitted readback copy of slot 0. Allocates nothing of its own.
     pub(crate) fn read_scalars(&self) -> Result<Scalars> {
         read_mapped(&self.ctx, &self.staging, &self.map_result, |bytes| {
-            let v: &[f32] = bytemuck::cast_slice(bytes);
-            Scalars {
-                loss: v[0],
-                sqnorm: v[1],
-                step: v[2],
-                refused: v[3] != 0.0,
-            }
+            Scalars::from_f32(bytemuck::cast_slice(&bytes[..16]))
         })
+    }
+
+    /// Waits for the submitted readback copies and puts those of the first `count`
+    /// slots in `out` (whose capacity is reused).
+    pub(crate) fn read_slots(&self, count: usize, out: &mut Vec<Scalars>) -> Result<()> {
+        out.clear();
+        read_mapped(&self.ctx, &self.staging, &self.map_result, |bytes| {
+            let v: &[f32] = bytemuck::cast_slice(bytes);
+            out.extend(v.chunks_exact(4).take(count).map(Scalars::from_f32));
+        })
+    }
+
+    /// Queues what halts a pipelined run for the next submissions: `halts` = 0.0
+    /// (nothing), 1.0 (a refusal) or 2.0 (a refusal or `sqnorm <= threshold`), with the
+    /// halted flag cleared.
+    pub(crate) fn write_halt(&self, halts: f32, threshold: f32) {
+        self.ctx.queue().write_buffer(
+            &self.scalars,
+            16,
+            bytemuck::cast_slice(&[0.0, halts, threshold, 0.0]),
+        );
     }
 
     /// Records a clear of the refusal flag, so the next update runs whatever the

@@ -103,6 +103,15 @@ pub struct PolyakConfig {
     pub nonfinite: NonFinitePolicy,
     /// Where the step size is computed. Default: on the host.
     pub stepsize_mode: StepSizeMode,
+    /// Under [`StepSizeMode::Device`], how many steps `run` and `run_iterator` submit
+    /// before they wait for the scalars of those steps. Default 1 (a wait per step).
+    /// Above 1 the GPU keeps going while the CPU records the next steps: once a step
+    /// is refused or `run`'s stopping rule holds, the GPU skips the later steps
+    /// already submitted, so the results are those of waiting every step, but the
+    /// objective may be called up to `sync_every - 1` times past the last step (its
+    /// kernels run, their gradients are ignored) and `run_iterator` may take as many
+    /// batches more from its iterator. Ignored when a `pre_update` hook is set.
+    pub sync_every: usize,
 }
 
 impl Default for PolyakConfig {
@@ -118,6 +127,7 @@ impl Default for PolyakConfig {
             verbose: false,
             nonfinite: NonFinitePolicy::Refuse,
             stepsize_mode: StepSizeMode::Host,
+            sync_every: 1,
         }
     }
 }
@@ -176,6 +186,13 @@ impl PolyakConfig {
         self
     }
 
+    /// Sets how many steps `run` and `run_iterator` submit per wait (not a jaxopt
+    /// option; needs [`StepSizeMode::Device`] above 1).
+    pub fn sync_every(mut self, v: usize) -> Self {
+        self.sync_every = v;
+        self
+    }
+
     /// Checks every option's domain; the solvers call this before doing anything.
     pub fn validate(&self) -> Result<()> {
         let bad = |option, value: f64, reason| {
@@ -199,6 +216,16 @@ impl PolyakConfig {
         }
         if self.tol.is_nan() {
             return bad("tol", self.tol, "must not be NaN");
+        }
+        if self.sync_every == 0 {
+            return bad("sync_every", 0.0, "must be at least 1");
+        }
+        if self.sync_every > 1 && self.stepsize_mode != StepSizeMode::Device {
+            return bad(
+                "sync_every",
+                self.sync_every as f64,
+                "above 1 needs stepsize_mode Device (the host rule waits every step)",
+            );
         }
         Ok(())
     }
@@ -237,5 +264,13 @@ mod tests {
         assert_eq!(option_of(c().max_stepsize(f64::NAN)), "max_stepsize");
         assert_eq!(option_of(c().fun_min(f64::NAN)), "fun_min");
         assert_eq!(option_of(c().tol(f64::NAN)), "tol");
+        assert_eq!(option_of(c().sync_every(0)), "sync_every");
+        assert_eq!(option_of(c().sync_every(8)), "sync_every");
+        assert!(
+            c().sync_every(8)
+                .stepsize_mode(StepSizeMode::Device)
+                .validate()
+                .is_ok()
+        );
     }
 }

@@ -354,7 +354,7 @@ mod tests {
             .expect("an adapter");
         let n = 4 * 70_001 - 3;
         let layout = Layout::new(&[TensorSpec::new("p", &[n])], 8, 1 << 30).unwrap();
-        let bufs = ParamBuffers::new(&ctx, layout, true, &[]);
+        let bufs = ParamBuffers::new(&ctx, layout, true, &[], 1);
         let n4 = (bufs.segments[0].len / 4) as u32;
         let geo = Geometry {
             n4,
@@ -376,7 +376,7 @@ mod tests {
         let mut enc = ctx.device().create_command_encoder(&Default::default());
         bufs.clear_velocity(&mut enc);
         kernels.encode_norm(&mut enc, None);
-        bufs.encode_scalars_readback(&mut enc);
+        bufs.encode_scalars_readback(&mut enc, 0);
         ctx.queue().submit([enc.finish()]);
         let s = bufs.read_scalars().unwrap();
         let exact: f64 = g.iter().map(|&x| f64::from(x) * f64::from(x)).sum();
@@ -387,7 +387,7 @@ mod tests {
         // The rule's step, in f32 on the GPU: 1000 / sqnorm (below the cap of 100).
         let want = 1000.0 / s.sqnorm;
         assert!((s.step - want).abs() <= 4.0 * f32::EPSILON * want, "{s:?}");
-        assert!(!s.refused);
+        assert_eq!(s.verdict, crate::buffers::Verdict::Applied);
 
         bufs.write_step(0.25);
         let mut enc = ctx.device().create_command_encoder(&Default::default());

@@ -29,6 +29,7 @@ pub mod error;
 pub mod evaluation;
 mod kernels;
 pub mod layout;
+mod pipeline;
 pub mod reference;
 pub mod solver;
 pub mod state;

@@ -1,7 +1,7 @@
 //! `PolyakSgd`: jaxopt's `PolyakSGD` with parameters, gradients and velocity on the GPU.
 
-use crate::buffers::Scalars;
 use crate::buffers::{ExternalTensor, ParamBuffers, device_segment_capacity, vector_bytes};
+use crate::buffers::{Scalars, Verdict};
 use crate::config::{NonFinitePolicy, PolyakConfig, StepSizeMode};
 use crate::context::GpuContext;
 use crate::error::{Error, Result};
@@ -110,7 +110,13 @@ impl PolyakSgdBuilder {
             .device()
             .push_error_scope(wgpu::ErrorFilter::OutOfMemory);
         let scope = ctx.device().push_error_scope(wgpu::ErrorFilter::Validation);
-        let buffers = ParamBuffers::new(&ctx, layout, config.momentum != 0.0, &external);
+        let buffers = ParamBuffers::new(
+            &ctx,
+            layout,
+            config.momentum != 0.0,
+            &external,
+            config.sync_every,
+        );
         let kernels = Kernels::new(&ctx, &buffers, &config);
         let invalid = pollster::block_on(scope.pop());
         if let Some(e) = pollster::block_on(oom.pop()) {
@@ -168,10 +174,10 @@ impl PolyakSgdBuilder {
 /// ```
 pub struct PolyakSgd {
     ctx: GpuContext,
-    config: PolyakConfig,
-    buffers: ParamBuffers,
+    pub(crate) config: PolyakConfig,
+    pub(crate) buffers: ParamBuffers,
     kernels: Kernels,
-    pre_update: Option<Box<PreUpdateHook>>,
+    pub(crate) pre_update: Option<Box<PreUpdateHook>>,
     deferred: bool,
 }
 
@@ -242,15 +248,15 @@ impl PolyakSgd {
     }
 
     /// Device memory the optimizer itself allocated: its parameter and gradient
-    /// buffers (not the user's), the velocity, and the norm scratch plus the 16-byte
-    /// loss/norm slot and its readback copy.
+    /// buffers (not the user's), the velocity, and the norm scratch plus the scalars
+    /// slot and its readback copies.
     pub fn device_bytes(&self) -> u64 {
-        self.buffers.device_bytes() + self.kernels.scratch_bytes() + 16
+        self.buffers.device_bytes() + self.scratch_bytes()
     }
 
     /// Bytes of the above that are scratch, not vectors (a few KiB at most).
     pub fn scratch_bytes(&self) -> u64 {
-        self.kernels.scratch_bytes() + 16
+        self.kernels.scratch_bytes() + self.buffers.scalar_bytes()
     }
 
     /// Compute dispatches the optimizer records per step (its own, not the
@@ -391,14 +397,16 @@ impl PolyakSgd {
         Ok(State::initial(aux))
     }
 
-    /// Runs the objective and both norm passes, and the update too if
-    /// `with_update` (the step size then comes from the GPU), in one submission;
-    /// waits for the scalars and returns `(value, scalars, aux)`.
-    fn evaluate<A>(
+    /// Records and submits the objective, both norm passes, the update too if
+    /// `with_update` (the step size then comes from the GPU), and the copy of the
+    /// scalars into readback slot `slot`, in one submission; returns what the
+    /// objective returned. A deferred update of the previous step goes first.
+    pub(crate) fn submit_step<A>(
         &mut self,
         f: impl FnOnce(&mut Evaluation<'_>) -> Result<(Loss, A)>,
         with_update: bool,
-    ) -> Result<(f64, Scalars, A)> {
+        slot: usize,
+    ) -> Result<(Loss, A)> {
         let mut encoder = self.encoder();
         let (loss, aux) = f(&mut Evaluation {
             ctx: &self.ctx,
@@ -412,15 +420,52 @@ impl PolyakSgd {
         if with_update {
             self.kernels.encode_update(&mut encoder, None);
         }
-        self.buffers.encode_scalars_readback(&mut encoder);
-        // A deferred update of the previous step goes first, in the same submission.
+        self.buffers.encode_scalars_readback(&mut encoder, slot);
         self.buffers.submit(encoder.finish());
+        Ok((loss, aux))
+    }
+
+    /// [`PolyakSgd::submit_step`] into slot 0, then waits for the scalars; returns
+    /// `(value, scalars, aux)`.
+    fn evaluate<A>(
+        &mut self,
+        f: impl FnOnce(&mut Evaluation<'_>) -> Result<(Loss, A)>,
+        with_update: bool,
+    ) -> Result<(f64, Scalars, A)> {
+        let (loss, aux) = self.submit_step(f, with_update, 0)?;
         let scalars = self.buffers.read_scalars()?;
-        let value = match loss {
-            Loss::Host(v) => v,
-            Loss::Device => f64::from(scalars.loss),
+        Ok((loss.value(&scalars), scalars, aux))
+    }
+
+    /// The state after an update that ran: `value` and the scalars of its step.
+    pub(crate) fn advance<A>(
+        &self,
+        state: &State<A>,
+        value: f64,
+        stepsize: f64,
+        scalars: &Scalars,
+        aux: A,
+    ) -> State<A> {
+        let next = State {
+            iter_num: state.iter_num + 1,
+            value,
+            // jaxopt's error is the f32 norm of an f32 gradient.
+            error: f64::from(scalars.sqnorm.sqrt()),
+            stepsize,
+            aux,
+            num_fun_eval: state.num_fun_eval + 1,
+            num_grad_eval: state.num_grad_eval + 1,
         };
-        Ok((value, scalars, aux))
+        if self.config.verbose {
+            log::info!(
+                "iter {} value {:e} error {:e} stepsize {:e}",
+                next.iter_num,
+                next.value,
+                next.error,
+                next.stepsize
+            );
+        }
+        next
     }
 
     /// jaxopt's `update`: one Polyak step from the current parameters.
@@ -453,10 +498,8 @@ impl PolyakSgd {
         } else {
             polyak_stepsize(value, sqnorm, &self.config, Precision::F32)
         };
-        // jaxopt's error is the f32 norm of an f32 gradient.
-        let error = f64::from(scalars.sqnorm.sqrt());
         let refused = if on_device {
-            scalars.refused
+            scalars.verdict != Verdict::Applied
         } else {
             let finite = value.is_finite() && sqnorm.is_finite() && stepsize.is_finite();
             !finite && self.config.nonfinite == NonFinitePolicy::Refuse
@@ -479,35 +522,23 @@ impl PolyakSgd {
                 self.buffers.submit(encoder.finish());
             }
         }
-        let next = State {
-            iter_num: state.iter_num + 1,
-            value,
-            error,
-            stepsize,
-            aux,
-            num_fun_eval: state.num_fun_eval + 1,
-            num_grad_eval: state.num_grad_eval + 1,
-        };
-        if self.config.verbose {
-            log::info!(
-                "iter {} value {:e} error {:e} stepsize {:e}",
-                next.iter_num,
-                next.value,
-                next.error,
-                next.stepsize
-            );
-        }
-        Ok(next)
+        Ok(self.advance(state, value, stepsize, &scalars, aux))
     }
 
     /// jaxopt's `run`: `init_state`, then updates until `error <= tol` (checked after
     /// each update, so at least one is done) or `maxiter` updates. `maxiter = 0`
-    /// returns the initial state.
+    /// returns the initial state. Under [`StepSizeMode::Device`] with
+    /// [`PolyakConfig::sync_every`] above 1 the updates are submitted that many per
+    /// wait, with the same result (see there).
     pub fn run<A>(
         &mut self,
         mut f: impl FnMut(&mut Evaluation<'_>) -> Result<(Loss, A)>,
     ) -> Result<State<A>> {
         let mut state = self.init_state(&mut f)?;
+        if self.pipelined() {
+            let steps = std::iter::repeat_n((), self.config.maxiter);
+            return self.run_pipelined(state, steps, Some(self.config.tol), |ev, _| f(ev));
+        }
         for _ in 0..self.config.maxiter {
             state = self.update(&state, &mut f)?;
             if !state.should_continue(self.config.tol) {
@@ -518,7 +549,8 @@ impl PolyakSgd {
     }
 
     /// jaxopt's `run_iterator`: the first batch goes to `init_state` only, then one
-    /// update per batch for up to `maxiter` batches; no tolerance check.
+    /// update per batch for up to `maxiter` batches; no tolerance check. Pipelined
+    /// like [`PolyakSgd::run`] under `sync_every` above 1.
     pub fn run_iterator<A, B>(
         &mut self,
         mut f: impl FnMut(&mut Evaluation<'_>, &B) -> Result<(Loss, A)>,
@@ -527,6 +559,9 @@ impl PolyakSgd {
         let mut it = batches.into_iter();
         let first = it.next().ok_or(Error::EmptyIterator)?;
         let mut state = self.init_state(|ev| f(ev, &first))?;
+        if self.pipelined() {
+            return self.run_pipelined(state, it.take(self.config.maxiter), None, f);
+        }
         for batch in it.take(self.config.maxiter) {
             state = self.update(&state, |ev| f(ev, &batch))?;
         }

@@ -39,8 +39,38 @@ impl<A> State<A> {
 
     /// Whether `run` goes on after this state: `error > tol` (a NaN error stops it).
     pub fn should_continue(&self, tol: f64) -> bool {
-        self.error > tol
+        continues(self.error, tol)
     }
+}
+
+/// jaxopt's loop condition (past the first iteration).
+fn continues(error: f64, tol: f64) -> bool {
+    error > tol
+}
+
+/// The stopping rule in the GPU's terms: the largest f32 squared norm `s` at which
+/// `run` stops, i.e. `!(f64(sqrt_f32(s)) > tol)` (the rule is monotone in `s`), or
+/// -1 if no squared norm stops it. With it the GPU decides `sqnorm <= threshold`
+/// exactly as [`State::should_continue`] decides on the CPU, without a WGSL `sqrt`.
+pub(crate) fn stop_threshold(tol: f64) -> f32 {
+    let stops = |bits: u32| !continues(f64::from(f32::from_bits(bits).sqrt()), tol);
+    let (mut lo, mut hi) = (0u32, f32::INFINITY.to_bits());
+    if !stops(lo) {
+        return -1.0;
+    }
+    if stops(hi) {
+        return f32::INFINITY;
+    }
+    // stops(lo) && !stops(hi): bisect the non-negative floats by their bits.
+    while hi - lo > 1 {
+        let mid = lo + (hi - lo) / 2;
+        if stops(mid) {
+            lo = mid;
+        } else {
+            hi = mid;
+        }
+    }
+    f32::from_bits(lo)
 }
 
 /// Where the objective put the loss of an evaluation.
@@ -52,4 +82,68 @@ pub enum Loss {
     /// slot ([`crate::ParamBuffers::loss_binding`]); it comes back together with the
     /// norm in one 16-byte readback.
     Device,
+}
+
+impl Loss {
+    /// The loss value of a step whose scalars came back as `scalars`.
+    pub(crate) fn value(self, scalars: &crate::buffers::Scalars) -> f64 {
+        match self {
+            Loss::Host(v) => v,
+            Loss::Device => f64::from(scalars.loss),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stop_threshold_agrees_with_should_continue() {
+        let mut rng = crate::conformance::SplitMix64::new(5);
+        for tol in [
+            -1.0,
+            0.0,
+            1e-30,
+            1e-6,
+            1e-3,
+            0.5,
+            1.0,
+            3.7,
+            1e19,
+            1e30,
+            f64::INFINITY,
+        ] {
+            let t = stop_threshold(tol);
+            let check = |s: f32| {
+                let state = State {
+                    error: f64::from(s.sqrt()),
+                    ..State::initial(())
+                };
+                assert_eq!(s <= t, !state.should_continue(tol), "tol {tol} s {s} t {t}");
+            };
+            for s in [
+                0.0,
+                f32::MIN_POSITIVE,
+                1e-12,
+                1e-6,
+                0.25,
+                1.0,
+                13.69,
+                1e38,
+                f32::MAX,
+            ] {
+                check(s);
+            }
+            check(t);
+            if (0.0..f32::INFINITY).contains(&t) {
+                check(f32::from_bits(t.to_bits() + 1));
+            }
+            for _ in 0..1000 {
+                check(f32::from_bits((rng.next_u64() >> 33) as u32 & 0x7f7f_ffff));
+            }
+        }
+        assert_eq!(stop_threshold(-1.0), -1.0);
+        assert_eq!(stop_threshold(f64::INFINITY), f32::INFINITY);
+    }
 }

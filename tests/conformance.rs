@@ -70,13 +70,17 @@ fn f32_gpu_path_matches_jaxopt_within_the_float32_acceptance() {
 
 #[test]
 fn f32_gpu_path_with_the_step_size_on_the_device_matches_jaxopt_too() {
+    // Waiting every step, and with run / run_iterator submitting 8 steps per wait.
     let ctx = common::ctx();
-    for case in &file().cases {
-        let mut case = case.clone();
-        case.config.stepsize_mode = polyak_gpu::StepSizeMode::Device;
-        let c = compare_f32(&case, &replay_gpu(&ctx, &case).unwrap());
-        assert!(c.passed(), "{}: {:?}", case.name, c.failures);
-        assert_eq!(c.iter_num, case.run_result.iter_num, "{}", case.name);
+    for sync_every in [1, 8] {
+        for case in &file().cases {
+            let mut case = case.clone();
+            case.config.stepsize_mode = polyak_gpu::StepSizeMode::Device;
+            case.config.sync_every = sync_every;
+            let c = compare_f32(&case, &replay_gpu(&ctx, &case).unwrap());
+            assert!(c.passed(), "{} / {sync_every}: {:?}", case.name, c.failures);
+            assert_eq!(c.iter_num, case.run_result.iter_num, "{}", case.name);
+        }
     }
 }
 

@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
-# One device call (about 6 minutes on an H200): the GPU correctness of both step-size
-# modes, polyak-bench with each, and the peers at the sizes where the fixed cost and
-# the bandwidth show. Logs and JSON go to $OUT. Prepare with benches/gpu/prepare.sh.
+# One device call (about 6 minutes on an H200; run it with timeout_s 600): the GPU
+# correctness of both step-size modes and of pipelined runs, polyak-bench with each
+# (the device rows with momentum only), an out-of-memory probe, and the peers at the
+# sizes where the fixed cost and the bandwidth show. The log in $OUT grows as it goes,
+# so a cut-off call still returns what ran. Prepare with benches/gpu/prepare.sh.
 set -u
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 B=gpu-bin
@@ -17,14 +19,16 @@ fi
 step() { echo; echo "=== $* ($(date +%T))"; }
 {
   step card; nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv 2>&1
-  step conformance, host step size; timeout 60 $B/conformance tests/data/jaxopt_polyak_reference.json 2>&1 | tail -10
-  step conformance, device step size; timeout 60 $B/conformance tests/data/jaxopt_polyak_reference.json --device-step 2>&1 | tail -10
-  step stepsize_mode tests; timeout 90 $B/stepsize_mode --test-threads 1 2>&1 | grep -E "^test |test result|panicked|assert" | head -30
-  step solver tests; timeout 90 $B/solver --test-threads 1 2>&1 | grep -E "test result|panicked|FAILED" | head
+  step conformance, host step size; timeout 40 $B/conformance tests/data/jaxopt_polyak_reference.json 2>&1 | tail -10
+  step conformance, device step size; timeout 40 $B/conformance tests/data/jaxopt_polyak_reference.json --device-step 2>&1 | tail -10
+  step stepsize_mode tests; timeout 60 $B/stepsize_mode --test-threads 1 2>&1 | grep -E "^test |test result|panicked|assert" | head -30
+  step solver tests; timeout 60 $B/solver --test-threads 1 2>&1 | grep -E "test result|panicked|FAILED" | head
   step polyak-bench host; timeout 150 $B/polyak-bench --sizes "$SIZES" --json "$OUT/bench-host.json" 2>&1
-  step polyak-bench device; timeout 90 $B/polyak-bench --sizes "$SIZES" --stepsize device --cpu-max 1 --json "$OUT/bench-device.json" 2>&1
+  step polyak-bench device; timeout 70 $B/polyak-bench --sizes "$SIZES" --momentum on --stepsize device --cpu-max 1 --json "$OUT/bench-device.json" 2>&1
+  step polyak-bench device, 16 steps per wait; timeout 70 $B/polyak-bench --sizes "$SIZES" --momentum on --stepsize device --sync-every 16 --cpu-max 1 --json "$OUT/bench-pipelined.json" 2>&1
+  step pipeline tests; timeout 40 $B/pipeline --test-threads 1 2>&1 | grep -E "test result|panicked|FAILED" | head
   step out of memory: 2e10 parameters, 240 GB; expect a does-not-fit row, not a crash
-  timeout 90 $B/polyak-bench --sizes 2e10 --momentum on --cpu-max 1 --reps 2 2>&1 | tail -5
+  timeout 40 $B/polyak-bench --sizes 2e10 --momentum on --cpu-max 1 --reps 2 2>&1 | tail -5
   step peers; PYTHONUNBUFFERED=1 timeout 120 python3 benches/peers/peers.py --sizes "$PEERS" --reps 20 --json "$OUT/peers.json" 2>&1 | grep -v -i warn
   step done
 } 2>&1 | tee "$OUT/log.txt"

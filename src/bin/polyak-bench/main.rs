@@ -26,7 +26,8 @@ options:
   --max-workgroups N  cap on workgroups per dispatch (default: by adapter)
   --deferred on|off   submit each update with the next step (default off)
   --stepsize M        host | device: where the step size is computed (default host;
-                      the fixed overhead is measured both ways whatever this says)
+                      the fixed overhead is measured every way whatever this says)
+  --sync-every K      with --stepsize device: steps submitted per wait (default 1)
   --json FILE         also write the results as JSON
 ";
 
@@ -40,6 +41,7 @@ struct Args {
     max_workgroups: Option<u32>,
     deferred: bool,
     stepsize: StepSizeMode,
+    sync_every: usize,
     json: Option<String>,
 }
 
@@ -63,6 +65,7 @@ fn parse_args() -> std::result::Result<Args, String> {
         max_workgroups: None,
         deferred: false,
         stepsize: StepSizeMode::Host,
+        sync_every: 1,
         json: None,
     };
     let mut it = std::env::args().skip(1);
@@ -105,6 +108,7 @@ fn parse_args() -> std::result::Result<Args, String> {
                     _ => return Err(format!("--stepsize host|device, not {value:?}")),
                 }
             }
+            "--sync-every" => a.sync_every = parse_count(&value)?,
             "--json" => a.json = Some(value),
             _ => return Err(format!("unknown option {flag}")),
         }
@@ -129,7 +133,9 @@ fn keep(_: &mut Evaluation<'_>, stepsize: StepSizeMode) -> Result<(Loss, ())> {
     })
 }
 
-/// Median ms per step of `opt` over `reps` steps after `warmup`.
+/// ms per step of `opt` over `reps` steps after `warmup`: each step's wall clock, or
+/// when steps are pipelined (`sync_every > 1`), the mean of each of five
+/// `run_iterator` calls of `reps` steps.
 fn time_steps(opt: &mut PolyakSgd, warmup: usize, reps: usize) -> Result<Vec<f64>> {
     let mode = opt.config().stepsize_mode;
     let keep = |ev: &mut Evaluation<'_>| keep(ev, mode);
@@ -138,6 +144,17 @@ fn time_steps(opt: &mut PolyakSgd, warmup: usize, reps: usize) -> Result<Vec<f64
         0,
         bytemuck::bytes_of(&0.5f32),
     );
+    if opt.config().sync_every > 1 {
+        let batched = |ev: &mut Evaluation<'_>, _: &usize| keep(ev);
+        opt.run_iterator(batched, 0..=warmup)?;
+        return (0..5)
+            .map(|_| {
+                let t0 = Instant::now();
+                opt.run_iterator(batched, 0..=reps)?;
+                Ok(t0.elapsed().as_secs_f64() * 1e3 / reps as f64)
+            })
+            .collect();
+    }
     let mut state = opt.init_state(keep)?;
     for _ in 0..warmup {
         state = opt.update(&state, keep)?;
@@ -158,17 +175,27 @@ fn time_steps(opt: &mut PolyakSgd, warmup: usize, reps: usize) -> Result<Vec<f64
     Ok(times)
 }
 
-fn config(momentum: bool, stepsize: StepSizeMode) -> PolyakConfig {
+fn config(momentum: bool, stepsize: StepSizeMode, sync_every: usize) -> PolyakConfig {
     // A tiny cap keeps parameters bounded however many steps the benchmark takes.
     PolyakConfig::default()
         .momentum(if momentum { 0.9 } else { 0.0 })
         .max_stepsize(1e-3)
         .stepsize_mode(stepsize)
+        .sync_every(sync_every)
+        .maxiter(usize::MAX)
 }
 
+/// Steps per wait of the pipelined fixed-overhead figure.
+const PIPELINE: usize = 16;
+
 /// Median ms of a step at N = 4, where everything but the round trip is nil.
-fn fixed_overhead(ctx: &GpuContext, args: &Args, stepsize: StepSizeMode) -> Result<f64> {
-    let mut tiny = PolyakSgd::new(ctx, config(true, stepsize), &[0.5; 4])?;
+fn fixed_overhead(
+    ctx: &GpuContext,
+    args: &Args,
+    stepsize: StepSizeMode,
+    sync_every: usize,
+) -> Result<f64> {
+    let mut tiny = PolyakSgd::new(ctx, config(true, stepsize, sync_every), &[0.5; 4])?;
     tiny.set_deferred_updates(args.deferred);
     fill(&tiny, false, 3, 1e-3)?;
     let mut times = time_steps(&mut tiny, args.warmup.max(3), args.reps.max(20))?;
@@ -231,19 +258,23 @@ fn run(args: &Args) -> Result<()> {
     println!("copy rate: {copy_gbps:.1} GB/s (vec4 copy kernel, {copy_n} f32, read + write)");
 
     // Fixed cost of a step, with the step size computed on either side.
-    let overhead_host_ms = fixed_overhead(&ctx, args, StepSizeMode::Host)?;
-    let overhead_device_ms = fixed_overhead(&ctx, args, StepSizeMode::Device)?;
-    let overhead_ms = match args.stepsize {
-        StepSizeMode::Host => overhead_host_ms,
-        StepSizeMode::Device => overhead_device_ms,
+    let overhead_host_ms = fixed_overhead(&ctx, args, StepSizeMode::Host, 1)?;
+    let overhead_device_ms = fixed_overhead(&ctx, args, StepSizeMode::Device, 1)?;
+    let overhead_pipelined_ms = fixed_overhead(&ctx, args, StepSizeMode::Device, PIPELINE)?;
+    let overhead_ms = match (args.stepsize, args.sync_every) {
+        (StepSizeMode::Host, _) => overhead_host_ms,
+        (StepSizeMode::Device, 1) => overhead_device_ms,
+        (StepSizeMode::Device, k) => fixed_overhead(&ctx, args, StepSizeMode::Device, k)?,
     };
     println!(
         "fixed per-step overhead (N = 4): {overhead_host_ms:.4} ms with the step size on the \
-         host, {overhead_device_ms:.4} ms on the device"
+         host, {overhead_device_ms:.4} ms on the device, {overhead_pipelined_ms:.4} ms on the \
+         device with {PIPELINE} steps per wait"
     );
     println!(
-        "rows below: step size on the {}\n",
-        mode_name(args.stepsize)
+        "rows below: step size on the {}, {} step(s) per wait\n",
+        mode_name(args.stepsize),
+        args.sync_every
     );
 
     let total = args.sizes.len() * args.momentum.len();
@@ -339,6 +370,9 @@ fn run(args: &Args) -> Result<()> {
             "overhead_ms": overhead_ms,
             "overhead_host_ms": overhead_host_ms,
             "overhead_device_ms": overhead_device_ms,
+            "overhead_pipelined_ms": overhead_pipelined_ms,
+            "pipelined_sync_every": PIPELINE,
+            "sync_every": args.sync_every,
             "peak_rss_MiB": bench::peak_rss_mib(),
             "rows": rows,
         });
@@ -352,7 +386,7 @@ fn run(args: &Args) -> Result<()> {
 /// Median ms per step of the multi-threaded CPU baseline, and its thread count.
 fn cpu_baseline(args: &Args, n: usize, momentum: bool) -> (f64, usize) {
     let mut cpu = CpuBaseline::new(n, momentum, 0);
-    let cfg = config(momentum, StepSizeMode::Host);
+    let cfg = config(momentum, StepSizeMode::Host, 1);
     for _ in 0..args.warmup {
         cpu.step(0.5, &cfg);
     }
@@ -387,7 +421,8 @@ fn measure(ctx: &GpuContext, args: &Args, n: usize, momentum: bool, copy_gbps: f
         return row;
     }
     let gpu = (|| -> Result<Value> {
-        let mut opt = PolyakSgd::new_zeroed(ctx, config(momentum, args.stepsize), n)?;
+        let mut opt =
+            PolyakSgd::new_zeroed(ctx, config(momentum, args.stepsize, args.sync_every), n)?;
         opt.set_deferred_updates(args.deferred);
         fill(&opt, true, 1, 1.0)?;
         fill(&opt, false, 2, 1e-3)?;

@@ -398,11 +398,11 @@ impl ParamBuffers {
         &self,
         t: &TensorPlacement,
         data: &[f32],
-        pick: impl Fn(&Segment) -> &Region,
+        pick: impl Fn(&Segment) -> Option<&Region>,
     ) -> Result<()> {
         self.flush(); // a deferred update must not land after this write
         for p in &t.parts {
-            let r = pick(&self.segments[p.segment]);
+            let r = pick(&self.segments[p.segment]).ok_or_else(no_velocity)?;
             needs(&r.buffer, wgpu::BufferUsages::COPY_DST, &t.spec.name)?;
             let src = &data[p.tensor_offset..p.tensor_offset + p.len];
             self.ctx.queue().write_buffer(
@@ -438,7 +438,7 @@ impl ParamBuffers {
     pub fn upload_tensor(&self, key: impl TensorKey, data: &[f32]) -> Result<()> {
         let t = self.layout.tensor(key)?;
         Self::check_len(&t.spec.name, t.spec.len(), data.len())?;
-        self.write_tensor(t, data, |s| &s.params)
+        self.write_tensor(t, data, |s| Some(&s.params))
     }
 
     /// Downloads one tensor's parameters (allocates; not part of a step).
@@ -449,20 +449,40 @@ impl ParamBuffers {
 
     /// Uploads all parameters, tensors concatenated in layout order.
     pub fn upload_params(&self, data: &[f32]) -> Result<()> {
-        self.upload_flat(data, "parameters", |s| &s.params)
+        self.upload_flat(data, "parameters", |s| Some(&s.params))
+    }
+
+    /// Uploads the velocity, tensors concatenated in layout order (to resume a run;
+    /// an error when momentum is 0, which keeps no velocity).
+    pub fn upload_velocity(&self, data: &[f32]) -> Result<()> {
+        if !self.has_velocity() {
+            return Err(no_velocity());
+        }
+        self.upload_flat(data, "velocity", |s| s.velocity.as_ref())
+    }
+
+    /// Uploads one tensor's velocity (checkpoints).
+    pub(crate) fn upload_tensor_velocity(&self, t: &TensorPlacement, data: &[f32]) -> Result<()> {
+        Self::check_len(&t.spec.name, t.spec.len(), data.len())?;
+        self.write_tensor(t, data, |s| s.velocity.as_ref())
+    }
+
+    /// Downloads one tensor's velocity (checkpoints; zeros without momentum).
+    pub(crate) fn download_tensor_velocity(&self, t: &TensorPlacement) -> Result<Vec<f32>> {
+        self.read_tensor(t, |s| s.velocity.as_ref())
     }
 
     /// Uploads the whole gradient, tensors concatenated in layout order (the host
     /// path for small problems; GPU objectives write the gradient buffers directly).
     pub fn upload_grads(&self, data: &[f32]) -> Result<()> {
-        self.upload_flat(data, "gradient", |s| &s.grads)
+        self.upload_flat(data, "gradient", |s| Some(&s.grads))
     }
 
     fn upload_flat(
         &self,
         data: &[f32],
         what: &str,
-        pick: impl Fn(&Segment) -> &Region + Copy,
+        pick: impl Fn(&Segment) -> Option<&Region> + Copy,
     ) -> Result<()> {
         Self::check_len(what, self.num_params(), data.len())?;
         let mut at = 0;
@@ -601,6 +621,13 @@ impl Drop for ParamBuffers {
     fn drop(&mut self) {
         self.flush();
     }
+}
+
+fn no_velocity() -> Error {
+    Error::Tensor(
+        "velocity".into(),
+        "the optimizer keeps no velocity (momentum is 0)",
+    )
 }
 
 /// Errors unless `buffer` has `usage` (user buffers may lack the copy flags).

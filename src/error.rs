@@ -85,6 +85,15 @@ pub enum Error {
     /// Mapping a buffer for reading failed, or a device operation failed.
     #[error("device error: {0}")]
     Device(String),
+    /// A checkpoint could not be written, read, or does not fit this optimizer
+    /// (nothing was uploaded).
+    #[error("checkpoint {path}: {reason}")]
+    Checkpoint {
+        /// The checkpoint's path.
+        path: String,
+        /// What went wrong.
+        reason: String,
+    },
     /// A conformance data file could not be read or parsed.
     #[error("conformance data: {0}")]
     Data(String),

@@ -22,6 +22,7 @@
 
 pub mod bench;
 pub mod buffers;
+mod checkpoint;
 pub mod config;
 pub mod conformance;
 pub mod context;

@@ -37,6 +37,20 @@ impl<A> State<A> {
         }
     }
 
+    /// The same state with another `aux` (e.g. after
+    /// [`crate::PolyakSgd::load_checkpoint`], which restores none).
+    pub fn with_aux<B>(self, aux: B) -> State<B> {
+        State {
+            iter_num: self.iter_num,
+            value: self.value,
+            error: self.error,
+            stepsize: self.stepsize,
+            aux,
+            num_fun_eval: self.num_fun_eval,
+            num_grad_eval: self.num_grad_eval,
+        }
+    }
+
     /// Whether `run` goes on after this state: `error > tol` (a NaN error stops it).
     pub fn should_continue(&self, tol: f64) -> bool {
         continues(self.error, tol)

@@ -1,0 +1,259 @@
+//! Checkpoints: the parameters, the velocity and the state in one safetensors file,
+//! written atomically and read back bit for bit.
+//!
+//! Tensors are stored as `params/<name>` and `velocity/<name>` (F32, the tensor's
+//! shape); the state goes in the header's metadata, its floats as their exact bits.
+//! The gradient is not stored: the next update evaluates the objective again.
+
+use crate::error::{Error, Result};
+use crate::layout::TensorPlacement;
+use crate::solver::PolyakSgd;
+use crate::state::State;
+use safetensors::tensor::{Dtype, SafeTensors, View};
+use std::borrow::Cow;
+use std::cell::RefCell;
+use std::collections::HashMap;
+use std::path::Path;
+
+/// The `format` metadata entry of our checkpoints.
+const FORMAT: &str = "polyak-gpu checkpoint 1";
+
+/// One tensor's parameters or velocity, downloaded only when the writer asks for its
+/// bytes, so that at most one tensor is on the host at a time.
+struct Lazy<'a> {
+    opt: &'a PolyakSgd,
+    tensor: &'a TensorPlacement,
+    velocity: bool,
+    /// The first download error; the file is then discarded.
+    failed: &'a RefCell<Option<Error>>,
+}
+
+impl View for Lazy<'_> {
+    fn dtype(&self) -> Dtype {
+        Dtype::F32
+    }
+
+    fn shape(&self) -> &[usize] {
+        &self.tensor.spec.shape
+    }
+
+    fn data(&self) -> Cow<'_, [u8]> {
+        let buffers = self.opt.buffers();
+        let got = if self.velocity {
+            buffers.download_tensor_velocity(self.tensor)
+        } else {
+            buffers.download_tensor(self.tensor.spec.name.as_str())
+        };
+        match got {
+            Ok(v) => Cow::Owned(bytemuck::cast_slice(&v).to_vec()),
+            Err(e) => {
+                self.failed.borrow_mut().get_or_insert(e);
+                Cow::Owned(vec![0; self.data_len()])
+            }
+        }
+    }
+
+    fn data_len(&self) -> usize {
+        self.tensor.spec.len() * 4
+    }
+}
+
+fn bits(x: f64) -> String {
+    format!("{:#018x}", x.to_bits())
+}
+
+fn io(path: &Path, e: impl std::fmt::Display) -> Error {
+    Error::Checkpoint {
+        path: path.display().to_string(),
+        reason: e.to_string(),
+    }
+}
+
+impl PolyakSgd {
+    /// Writes the parameters, the velocity and `state` (not its `aux`) to `path` as a
+    /// safetensors file. Atomic: the file is written beside `path`, flushed to disk
+    /// and renamed over it, so `path` holds either the old checkpoint or the new one,
+    /// whole. One tensor at a time crosses to the host.
+    ///
+    /// ```no_run
+    /// # use polyak_gpu::{GpuContext, PolyakConfig, PolyakSgd, Loss};
+    /// # let ctx = GpuContext::new()?;
+    /// let mut opt = PolyakSgd::new(&ctx, PolyakConfig::default().momentum(0.9), &[1.0; 8])?;
+    /// # let f = |ev: &mut polyak_gpu::Evaluation<'_>| { ev.write_grads(&[1.0; 8])?; Ok((Loss::Host(1.0), ())) };
+    /// let state = opt.init_state(f)?;
+    /// let state = opt.update(&state, f)?;
+    /// opt.save_checkpoint(&state, "run.safetensors")?;
+    /// // later, in an optimizer built the same way:
+    /// let state = opt.load_checkpoint("run.safetensors")?;
+    /// let state = opt.update(&state, f)?; // as if never interrupted
+    /// # Ok::<(), polyak_gpu::Error>(())
+    /// ```
+    pub fn save_checkpoint<A>(&self, state: &State<A>, path: impl AsRef<Path>) -> Result<()> {
+        let path = path.as_ref();
+        let failed = RefCell::new(None);
+        let layout = self.buffers().layout();
+        let mut tensors = Vec::new();
+        for t in layout.tensors() {
+            let name = &t.spec.name;
+            tensors.push((format!("params/{name}"), self.lazy(t, false, &failed)));
+            if self.buffers().has_velocity() {
+                tensors.push((format!("velocity/{name}"), self.lazy(t, true, &failed)));
+            }
+        }
+        let metadata = HashMap::from([
+            ("format".to_string(), FORMAT.to_string()),
+            ("iter_num".into(), state.iter_num.to_string()),
+            ("num_fun_eval".into(), state.num_fun_eval.to_string()),
+            ("num_grad_eval".into(), state.num_grad_eval.to_string()),
+            ("value".into(), bits(state.value)),
+            ("error".into(), bits(state.error)),
+            ("stepsize".into(), bits(state.stepsize)),
+            ("config".into(), format!("{:?}", self.config())),
+        ]);
+        // safetensors writes a sibling temporary file and renames it to `partial`;
+        // we flush that to disk before renaming it over `path`.
+        let mut partial = path.as_os_str().to_owned();
+        partial.push(".partial");
+        let partial = Path::new(&partial);
+        let written = safetensors::serialize_to_file(tensors, Some(metadata), partial)
+            .map_err(|e| io(path, e))
+            .and_then(|()| match failed.into_inner() {
+                Some(e) => Err(e),
+                None => Ok(()),
+            })
+            .and_then(|()| {
+                std::fs::File::open(partial)
+                    .and_then(|f| f.sync_all())
+                    .and_then(|()| std::fs::rename(partial, path))
+                    .map_err(|e| io(path, e))
+            });
+        if written.is_err() {
+            let _ = std::fs::remove_file(partial);
+            return written;
+        }
+        // The rename itself is durable once the directory is flushed (best effort:
+        // not every platform opens directories).
+        let dir = path.parent().filter(|d| !d.as_os_str().is_empty());
+        if let Ok(d) = std::fs::File::open(dir.unwrap_or(Path::new("."))) {
+            let _ = d.sync_all();
+        }
+        Ok(())
+    }
+
+    fn lazy<'a>(
+        &'a self,
+        tensor: &'a TensorPlacement,
+        velocity: bool,
+        failed: &'a RefCell<Option<Error>>,
+    ) -> Lazy<'a> {
+        Lazy {
+            opt: self,
+            tensor,
+            velocity,
+            failed,
+        }
+    }
+
+    /// Reads a checkpoint written by [`PolyakSgd::save_checkpoint`] for an optimizer
+    /// with the same tensors (names, shapes, with or without momentum), uploads its
+    /// parameters and velocity, and returns its state (with `aux = ()`; see
+    /// [`State::with_aux`]). Everything is checked before anything is uploaded: a
+    /// file that does not fit leaves the optimizer as it was. The file is read whole.
+    pub fn load_checkpoint(&mut self, path: impl AsRef<Path>) -> Result<State<()>> {
+        let path = path.as_ref();
+        let bytes = std::fs::read(path).map_err(|e| io(path, e))?;
+        let file = SafeTensors::deserialize(&bytes).map_err(|e| io(path, e))?;
+        let (_, header) = SafeTensors::read_metadata(&bytes).map_err(|e| io(path, e))?;
+        let empty = HashMap::new();
+        let meta = header.metadata().as_ref().unwrap_or(&empty);
+        let entry = |key: &str| {
+            meta.get(key)
+                .ok_or_else(|| io(path, format!("no {key:?} in the metadata")))
+        };
+        if entry("format")? != FORMAT {
+            return Err(io(path, format!("not a {FORMAT:?} file")));
+        }
+        let count = |key: &str| {
+            entry(key)?
+                .parse::<usize>()
+                .map_err(|e| io(path, format!("{key}: {e}")))
+        };
+        let float = |key: &str| {
+            let s = entry(key)?;
+            u64::from_str_radix(s.trim_start_matches("0x"), 16)
+                .map(f64::from_bits)
+                .map_err(|e| io(path, format!("{key} {s:?}: {e}")))
+        };
+        let state = State {
+            iter_num: count("iter_num")?,
+            value: float("value")?,
+            error: float("error")?,
+            stepsize: float("stepsize")?,
+            aux: (),
+            num_fun_eval: count("num_fun_eval")?,
+            num_grad_eval: count("num_grad_eval")?,
+        };
+
+        // Every tensor of the layout, nothing else, as F32 of the right shape.
+        let with_velocity = self.buffers().has_velocity();
+        let layout = self.buffers().layout();
+        let mut wanted = Vec::new();
+        for t in layout.tensors() {
+            wanted.push((format!("params/{}", t.spec.name), t, false));
+            if with_velocity {
+                wanted.push((format!("velocity/{}", t.spec.name), t, true));
+            }
+        }
+        let mut found = Vec::with_capacity(wanted.len());
+        for (key, t, velocity) in &wanted {
+            let view = file.tensor(key).map_err(|_| {
+                io(
+                    path,
+                    format!(
+                        "no tensor {key:?} (a checkpoint of another model{})",
+                        if *velocity {
+                            ", or one saved without momentum"
+                        } else {
+                            ""
+                        }
+                    ),
+                )
+            })?;
+            if view.dtype() != Dtype::F32 || view.shape() != t.spec.shape.as_slice() {
+                return Err(io(
+                    path,
+                    format!(
+                        "tensor {key:?} is {:?} {:?}, the optimizer's is F32 {:?}",
+                        view.dtype(),
+                        view.shape(),
+                        t.spec.shape
+                    ),
+                ));
+            }
+            found.push((*t, *velocity, view.data()));
+        }
+        if file.len() != wanted.len() {
+            let extra: Vec<_> = file
+                .names()
+                .into_iter()
+                .filter(|n| !wanted.iter().any(|(k, _, _)| k == n))
+                .collect();
+            return Err(io(
+                path,
+                format!("tensors the optimizer does not hold: {extra:?}"),
+            ));
+        }
+
+        for (t, velocity, data) in found {
+            // The file's bytes need not be aligned for f32.
+            let values: Vec<f32> = bytemuck::pod_collect_to_vec(data);
+            if velocity {
+                self.buffers().upload_tensor_velocity(t, &values)?;
+            } else {
+                self.buffers()
+                    .upload_tensor(t.spec.name.as_str(), &values)?;
+            }
+        }
+        Ok(state)
+    }
+}

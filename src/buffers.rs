@@ -4,6 +4,7 @@ use crate::context::GpuContext;
 use crate::error::{Error, Result};
 use crate::layout::{Layout, TensorKey, TensorPlacement, TensorSpec};
 use std::sync::{Arc, Mutex};
+use wgpu::util::DeviceExt;
 
 /// A tensor whose parameter and gradient storage belong to the user: the optimizer
 /// reads and updates them in place and never copies them.
@@ -143,6 +144,17 @@ impl Scalars {
     }
 }
 
+/// Where an objective that computes the squared gradient norm itself writes it: `count`
+/// partial sums, summed in order by the norm's final pass. Before each evaluation the
+/// partials are set to NaN from `unwritten`, so one the objective leaves unwritten
+/// makes the norm NaN (and the step refused) instead of stale.
+#[derive(Debug)]
+pub(crate) struct ObjectiveNorm {
+    pub partials: wgpu::Buffer,
+    unwritten: wgpu::Buffer,
+    pub count: u32,
+}
+
 /// The three vectors of one segment.
 #[derive(Debug)]
 pub(crate) struct Segment {
@@ -173,6 +185,8 @@ pub struct ParamBuffers {
     /// pipelined run (one slot otherwise).
     staging: wgpu::Buffer,
     map_result: Arc<Mutex<Option<bool>>>,
+    /// The squared-norm partials the objective writes, when it computes the norm.
+    pub(crate) objective_norm: Option<ObjectiveNorm>,
     /// A recorded update not yet submitted (deferred updates): it goes out with the
     /// next submission, or alone on [`ParamBuffers::flush`].
     pending: Mutex<Option<wgpu::CommandBuffer>>,
@@ -216,6 +230,7 @@ impl ParamBuffers {
         with_velocity: bool,
         external: &[ExternalTensor],
         readback_slots: usize,
+        objective_partials: Option<u32>,
     ) -> Self {
         let device = ctx.device();
         let storage = |label: &str, len: usize| {
@@ -273,12 +288,25 @@ impl ParamBuffers {
             usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
             mapped_at_creation: false,
         });
+        let objective_norm = objective_partials.map(|count| {
+            let unwritten = device.create_buffer_init(&wgpu::util::BufferInitDescriptor {
+                label: Some("polyak objective norm: NaN"),
+                contents: bytemuck::cast_slice(&vec![f32::NAN; count as usize]),
+                usage: wgpu::BufferUsages::COPY_SRC,
+            });
+            ObjectiveNorm {
+                partials: storage("polyak objective norm partials", count as usize),
+                unwritten,
+                count,
+            }
+        });
         ParamBuffers {
             ctx: ctx.clone(),
             layout,
             segments,
             scalars,
             staging,
+            objective_norm,
             map_result: Arc::new(Mutex::new(None)),
             pending: Mutex::new(None),
         }
@@ -331,9 +359,34 @@ impl ParamBuffers {
         vector_bytes(&self.layout, self.has_velocity())
     }
 
-    /// Bytes of the scalars slot and its readback buffer.
+    /// Bytes of the scalars slot and its readback buffer, and of the objective's
+    /// norm partials.
     pub(crate) fn scalar_bytes(&self) -> u64 {
-        self.scalars.size() + self.staging.size()
+        let objective = self
+            .objective_norm
+            .as_ref()
+            .map_or(0, |o| o.partials.size() + o.unwritten.size());
+        self.scalars.size() + self.staging.size() + objective
+    }
+
+    /// Where the objective writes the squared gradient norm, when the optimizer was
+    /// built with [`crate::PolyakSgdBuilder::norm_from_objective`]: that many f32
+    /// partial sums of `g_i^2`, over disjoint shares that together cover every
+    /// gradient element, each written once per evaluation. The optimizer sums them
+    /// in order and reads the gradient no more (20 bytes per parameter with
+    /// momentum instead of 24). A partial left unwritten reads as NaN, so the step
+    /// is refused rather than taken with a wrong norm. `None` otherwise.
+    pub fn norm_partials_binding(&self) -> Option<wgpu::BufferBinding<'_>> {
+        self.objective_norm
+            .as_ref()
+            .map(|o| o.partials.as_entire_buffer_binding())
+    }
+
+    /// Records the NaN fill of the objective's norm partials (before the objective).
+    pub(crate) fn encode_unwritten_norm(&self, encoder: &mut wgpu::CommandEncoder) {
+        if let Some(o) = &self.objective_norm {
+            encoder.copy_buffer_to_buffer(&o.unwritten, 0, &o.partials, 0, o.partials.size());
+        }
     }
 
     /// The 4-byte slot the objective's kernel writes the loss into (`f32`), for

@@ -101,6 +101,7 @@ pub(crate) struct Kernels {
     update_groups: Vec<wgpu::BindGroup>,
     final_group: wgpu::BindGroup,
     geometries: Vec<Geometry>,
+    partials_bytes: u64,
 }
 
 pub(crate) fn pipeline(
@@ -202,26 +203,37 @@ impl Kernels {
             pipeline(ctx, &update_mod, "plain", &constants)
         };
 
-        let base: u32 = geometries.iter().map(|g| g.groups).sum();
+        // The final pass sums our per-workgroup partials, or the objective's own.
+        let ours: u32 = geometries.iter().map(|g| g.groups).sum();
         let partials = ctx.device().create_buffer(&wgpu::BufferDescriptor {
             label: Some("polyak norm partials"),
-            size: u64::from(base) * 4,
+            size: if bufs.objective_norm.is_some() {
+                4
+            } else {
+                u64::from(ours) * 4
+            },
             usage: wgpu::BufferUsages::STORAGE,
             mapped_at_creation: false,
         });
+        let (summed, count) = match &bufs.objective_norm {
+            Some(o) => (&o.partials, o.count),
+            None => (&partials, ours),
+        };
         let mut norm_groups = Vec::new();
         let mut update_groups = Vec::new();
         for (s, g) in bufs.segments.iter().zip(&geometries) {
             let geo = uniform(ctx, g);
-            norm_groups.push(bind_group(
-                ctx,
-                &norm_pipeline,
-                &[
-                    (0, wgpu::BindingResource::Buffer(s.grads.binding(s.len))),
-                    (1, partials.as_entire_binding()),
-                    (2, geo.as_entire_binding()),
-                ],
-            ));
+            if bufs.objective_norm.is_none() {
+                norm_groups.push(bind_group(
+                    ctx,
+                    &norm_pipeline,
+                    &[
+                        (0, wgpu::BindingResource::Buffer(s.grads.binding(s.len))),
+                        (1, partials.as_entire_binding()),
+                        (2, geo.as_entire_binding()),
+                    ],
+                ));
+            }
             let mut entries = vec![
                 (0, wgpu::BindingResource::Buffer(s.params.binding(s.len))),
                 (1, wgpu::BindingResource::Buffer(s.grads.binding(s.len))),
@@ -233,12 +245,12 @@ impl Kernels {
             }
             update_groups.push(bind_group(ctx, &update_pipeline, &entries));
         }
-        let rule = uniform(ctx, &RuleUniform::new(base, config));
+        let rule = uniform(ctx, &RuleUniform::new(count, config));
         let final_group = bind_group(
             ctx,
             &final_pipeline,
             &[
-                (0, partials.as_entire_binding()),
+                (0, summed.as_entire_binding()),
                 (1, bufs.scalars.as_entire_binding()),
                 (2, rule.as_entire_binding()),
             ],
@@ -251,27 +263,24 @@ impl Kernels {
             update_groups,
             final_group,
             geometries,
+            partials_bytes: partials.size(),
         }
     }
 
     /// Bytes of device memory the kernels use besides the vectors: the norm partials
     /// and the uniforms.
     pub fn scratch_bytes(&self) -> u64 {
-        let partials: u64 = self
-            .geometries
-            .iter()
-            .map(|g| u64::from(g.groups))
-            .sum::<u64>()
-            * 4;
+        let partials = self.partials_bytes;
         let uniforms = ((self.geometries.len() * std::mem::size_of::<Geometry>())
             + std::mem::size_of::<RuleUniform>()) as u64;
         partials + uniforms
     }
 
-    /// Compute dispatches in one step: the norm of each segment, the final sum, the
-    /// update of each segment. It grows with the segment count, never the tensor count.
+    /// Compute dispatches in one step: the norm of each segment (none when the
+    /// objective computes the norm), the final sum, the update of each segment. It
+    /// grows with the segment count, never the tensor count.
     pub fn dispatches_per_step(&self) -> usize {
-        2 * self.geometries.len() + 1
+        self.norm_groups.len() + 1 + self.update_groups.len()
     }
 
     /// Records both norm passes: the squared gradient norm lands in `scalars[1]`, the
@@ -354,7 +363,7 @@ mod tests {
             .expect("an adapter");
         let n = 4 * 70_001 - 3;
         let layout = Layout::new(&[TensorSpec::new("p", &[n])], 8, 1 << 30).unwrap();
-        let bufs = ParamBuffers::new(&ctx, layout, true, &[], 1);
+        let bufs = ParamBuffers::new(&ctx, layout, true, &[], 1, None);
         let n4 = (bufs.segments[0].len / 4) as u32;
         let geo = Geometry {
             n4,

@@ -230,6 +230,12 @@ impl GpuQuadratic {
             usage: wgpu::BufferUsages::STORAGE,
             mapped_at_creation: false,
         });
+        // An optimizer built with norm_from_objective gets the squared norm from our
+        // per-workgroup partials: they go straight into its buffer.
+        let partials_binding = || match opt.buffers().norm_partials_binding() {
+            Some(b) => wgpu::BindingResource::Buffer(b),
+            None => partials.as_entire_binding(),
+        };
         let module = device.create_shader_module(wgpu::ShaderModuleDescriptor {
             label: None,
             source: wgpu::ShaderSource::Wgsl(Self::SHADER.into()),
@@ -275,7 +281,7 @@ impl GpuQuadratic {
                     (0, wgpu::BindingResource::Buffer(x)),
                     (1, wgpu::BindingResource::Buffer(c_piece)),
                     (2, wgpu::BindingResource::Buffer(g)),
-                    (3, partials.as_entire_binding()),
+                    (3, partials_binding()),
                     (5, uniform.as_entire_binding()),
                 ],
             );
@@ -285,7 +291,7 @@ impl GpuQuadratic {
         let total_group = group(
             &total,
             vec![
-                (3, partials.as_entire_binding()),
+                (3, partials_binding()),
                 (
                     4,
                     wgpu::BindingResource::Buffer(opt.buffers().loss_binding()),

@@ -9,10 +9,11 @@ use indicatif::{ProgressBar, ProgressStyle};
 use polyak_gpu::bench::{self, CopyBench, CpuBaseline, fill};
 use polyak_gpu::{
     AdapterChoice, ContextOptions, Evaluation, GpuContext, Loss, PolyakConfig, PolyakSgd, Result,
-    StepSizeMode,
+    StepSizeMode, TensorSpec,
 };
 use serde_json::{Value, json};
 use std::time::Instant;
+use wgpu::util::DeviceExt;
 
 const HELP: &str = "polyak-bench: ms per Polyak step vs the copy-rate floor and a CPU baseline
 
@@ -28,6 +29,9 @@ options:
   --stepsize M        host | device: where the step size is computed (default host;
                       the fixed overhead is measured every way whatever this says)
   --sync-every K      with --stepsize device: steps submitted per wait (default 1)
+  --norm-from-objective on|off
+                      the objective writes the squared-norm partials (20 / 12 bytes
+                      per parameter instead of 24 / 16; default off)
   --json FILE         also write the results as JSON
 ";
 
@@ -42,6 +46,7 @@ struct Args {
     deferred: bool,
     stepsize: StepSizeMode,
     sync_every: usize,
+    norm_from_objective: bool,
     json: Option<String>,
 }
 
@@ -66,6 +71,7 @@ fn parse_args() -> std::result::Result<Args, String> {
         deferred: false,
         stepsize: StepSizeMode::Host,
         sync_every: 1,
+        norm_from_objective: false,
         json: None,
     };
     let mut it = std::env::args().skip(1);
@@ -109,6 +115,7 @@ fn parse_args() -> std::result::Result<Args, String> {
                 }
             }
             "--sync-every" => a.sync_every = parse_count(&value)?,
+            "--norm-from-objective" => a.norm_from_objective = value == "on",
             "--json" => a.json = Some(value),
             _ => return Err(format!("unknown option {flag}")),
         }
@@ -125,8 +132,18 @@ fn stats(v: &mut [f64]) -> (f64, f64, f64) {
 /// The objective of a benchmark step: the gradient is already in place (filled on
 /// the device) and the loss is fixed at 0.5. Under the host rule it is handed over
 /// on the host; under the device rule it already sits in the loss slot, as a GPU
-/// objective's kernel would leave it.
-fn keep(_: &mut Evaluation<'_>, stepsize: StepSizeMode) -> Result<(Loss, ())> {
+/// objective's kernel would leave it. With `--norm-from-objective` it copies its
+/// squared-norm partials from `partials`, as a gradient kernel would write them.
+fn keep(
+    ev: &mut Evaluation<'_>,
+    stepsize: StepSizeMode,
+    partials: Option<&wgpu::Buffer>,
+) -> Result<(Loss, ())> {
+    if let (Some(src), Some(dst)) = (partials, ev.buffers().norm_partials_binding()) {
+        let dst = dst.buffer.clone();
+        ev.encoder()
+            .copy_buffer_to_buffer(src, 0, &dst, 0, src.size());
+    }
     Ok(match stepsize {
         StepSizeMode::Host => (Loss::Host(0.5), ()),
         StepSizeMode::Device => (Loss::Device, ()),
@@ -136,9 +153,14 @@ fn keep(_: &mut Evaluation<'_>, stepsize: StepSizeMode) -> Result<(Loss, ())> {
 /// ms per step of `opt` over `reps` steps after `warmup`: each step's wall clock, or
 /// when steps are pipelined (`sync_every > 1`), the mean of each of five
 /// `run_iterator` calls of `reps` steps.
-fn time_steps(opt: &mut PolyakSgd, warmup: usize, reps: usize) -> Result<Vec<f64>> {
+fn time_steps(
+    opt: &mut PolyakSgd,
+    warmup: usize,
+    reps: usize,
+    partials: Option<&wgpu::Buffer>,
+) -> Result<Vec<f64>> {
     let mode = opt.config().stepsize_mode;
-    let keep = |ev: &mut Evaluation<'_>| keep(ev, mode);
+    let keep = |ev: &mut Evaluation<'_>| keep(ev, mode, partials);
     opt.context().queue().write_buffer(
         opt.buffers().scalars_buffer(),
         0,
@@ -185,6 +207,10 @@ fn config(momentum: bool, stepsize: StepSizeMode, sync_every: usize) -> PolyakCo
         .maxiter(usize::MAX)
 }
 
+/// Partials a `--norm-from-objective` objective writes (one per workgroup of a
+/// grid-stride gradient kernel of that size).
+const BENCH_PARTIALS: usize = 2048;
+
 /// Steps per wait of the pipelined fixed-overhead figure.
 const PIPELINE: usize = 16;
 
@@ -198,7 +224,7 @@ fn fixed_overhead(
     let mut tiny = PolyakSgd::new(ctx, config(true, stepsize, sync_every), &[0.5; 4])?;
     tiny.set_deferred_updates(args.deferred);
     fill(&tiny, false, 3, 1e-3)?;
-    let mut times = time_steps(&mut tiny, args.warmup.max(3), args.reps.max(20))?;
+    let mut times = time_steps(&mut tiny, args.warmup.max(3), args.reps.max(20), None)?;
     Ok(stats(&mut times).0)
 }
 
@@ -352,7 +378,14 @@ fn run(args: &Args) -> Result<()> {
                 .map_or("-".into(), |v| format!("{:.1}x", v / f("step_ms"))),
         );
     }
-    println!("\nfloor = bytes per parameter (24 with momentum, 16 without) x N / copy rate;");
+    println!(
+        "\nfloor = bytes per parameter ({}) x N / copy rate;",
+        if args.norm_from_objective {
+            "20 with momentum, 12 without: the objective computes the norm"
+        } else {
+            "24 with momentum, 16 without"
+        }
+    );
     println!("%floor = floor / step time (100% = as fast as a copy of the same bytes)");
     println!("peak host RSS: {:.0} MiB", bench::peak_rss_mib());
 
@@ -373,6 +406,7 @@ fn run(args: &Args) -> Result<()> {
             "overhead_pipelined_ms": overhead_pipelined_ms,
             "pipelined_sync_every": PIPELINE,
             "sync_every": args.sync_every,
+            "norm_from_objective": args.norm_from_objective,
             "peak_rss_MiB": bench::peak_rss_mib(),
             "rows": rows,
         });
@@ -409,7 +443,14 @@ fn mom(r: &Value) -> &'static str {
 }
 
 fn measure(ctx: &GpuContext, args: &Args, n: usize, momentum: bool, copy_gbps: f64) -> Value {
-    let bytes_per_param = if momentum { 24 } else { 16 };
+    // The optimizer's own traffic: the norm's read of the gradient is gone when the
+    // objective computes the norm.
+    let bytes_per_param = match (momentum, args.norm_from_objective) {
+        (true, false) => 24,
+        (false, false) => 16,
+        (true, true) => 20,
+        (false, true) => 12,
+    };
     let mut row = json!({"n": n, "momentum": momentum, "bytes_per_param": bytes_per_param});
     let vectors = (n as u64) * if momentum { 12 } else { 8 };
     // On a CPU adapter the "device" memory is host memory: leave room for the baseline.
@@ -421,12 +462,26 @@ fn measure(ctx: &GpuContext, args: &Args, n: usize, momentum: bool, copy_gbps: f
         return row;
     }
     let gpu = (|| -> Result<Value> {
-        let mut opt =
-            PolyakSgd::new_zeroed(ctx, config(momentum, args.stepsize, args.sync_every), n)?;
+        let cfg = config(momentum, args.stepsize, args.sync_every);
+        let mut builder = PolyakSgd::builder(ctx, cfg).tensor(TensorSpec::new("params", &[n]));
+        let mut partials = None;
+        if args.norm_from_objective {
+            builder = builder.norm_from_objective(BENCH_PARTIALS);
+            let values = vec![1e-3f32; BENCH_PARTIALS];
+            partials = Some(
+                ctx.device()
+                    .create_buffer_init(&wgpu::util::BufferInitDescriptor {
+                        label: Some("bench norm partials"),
+                        contents: bytemuck::cast_slice(&values),
+                        usage: wgpu::BufferUsages::COPY_SRC,
+                    }),
+            );
+        }
+        let mut opt = builder.build()?;
         opt.set_deferred_updates(args.deferred);
         fill(&opt, true, 1, 1.0)?;
         fill(&opt, false, 2, 1e-3)?;
-        let mut times = time_steps(&mut opt, args.warmup, args.reps)?;
+        let mut times = time_steps(&mut opt, args.warmup, args.reps, partials.as_ref())?;
         let (med, p10, p90) = stats(&mut times);
         let phases = opt.time_phases(args.reps.min(10))?;
         let floor_ms = (bytes_per_param * n) as f64 / (copy_gbps * 1e9) * 1e3;

@@ -13,7 +13,10 @@
 //! - [`GpuContext`]: the headless device (or one you already have).
 //! - [`PolyakConfig`]: jaxopt's options, with `Default` and builder setters.
 //! - [`PolyakSgd`]: `init_state`, `update`, `run`, `run_iterator`,
-//!   `l2_optimality_error`.
+//!   `l2_optimality_error`; `save_checkpoint` / `load_checkpoint`.
+//! - Options beyond jaxopt's: [`StepSizeMode`], `sync_every` (pipelined runs),
+//!   [`NonFinitePolicy`], and [`PolyakSgdBuilder::norm_from_objective`] for a
+//!   gradient kernel that computes the norm itself.
 //! - [`reference::CpuPolyakSgd`]: the same algorithm in f64 on the CPU, for tests and
 //!   as a baseline; never used as a fallback.
 //! - [`conformance`]: replays jaxopt's recorded trajectories.

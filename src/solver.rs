@@ -44,7 +44,7 @@ fn median(v: &mut [f64]) -> f64 {
     v[v.len() / 2]
 }
 
-type PreUpdateHook = dyn FnMut(&PreUpdate<'_>) -> Result<()>;
+type PreUpdateHook = dyn FnMut(&PreUpdate<'_>) -> Result<()> + Send;
 
 /// Collects the tensors of a [`PolyakSgd`]. Layout order: the owned tensors in the
 /// order given, then the external ones in the order given.
@@ -378,7 +378,10 @@ impl PolyakSgd {
 
     /// Sets jaxopt's `pre_update`: called at the start of every `update`, before the
     /// objective, with the parameters and the state so far.
-    pub fn set_pre_update(&mut self, hook: impl FnMut(&PreUpdate<'_>) -> Result<()> + 'static) {
+    pub fn set_pre_update(
+        &mut self,
+        hook: impl FnMut(&PreUpdate<'_>) -> Result<()> + Send + 'static,
+    ) {
         self.pre_update = Some(Box::new(hook));
     }
 

@@ -429,3 +429,24 @@ fn bench_fill_writes_bounded_nonzero_data_and_the_copy_kernel_runs() {
         .unwrap();
     assert!(gbps.is_finite() && gbps > 0.0);
 }
+
+#[test]
+fn the_optimizer_can_move_to_another_thread() {
+    fn send<T: Send>() {}
+    fn send_sync<T: Send + Sync>() {}
+    send::<PolyakSgd>();
+    send_sync::<polyak_gpu::GpuContext>();
+    send_sync::<polyak_gpu::ParamBuffers>();
+    // and it really runs on another thread
+    let ctx = ctx();
+    let mut opt = PolyakSgd::new(&ctx, PolyakConfig::default(), &random(200, 64)).unwrap();
+    let g = random(201, 64);
+    let moved = std::thread::spawn(move || {
+        let s = opt.init_state(fixed(&g, 1.0)).unwrap();
+        let s = opt.update(&s, fixed(&g, 1.0)).unwrap();
+        (s.iter_num, opt)
+    })
+    .join()
+    .unwrap();
+    assert_eq!(moved.0, 1);
+}

@@ -157,3 +157,34 @@ fn norm_from_objective_needs_a_sane_count() {
     let opt = PolyakSgd::new_zeroed(&ctx, PolyakConfig::default(), 8).unwrap();
     assert!(opt.buffers().norm_partials_binding().is_none());
 }
+
+#[test]
+fn with_the_device_step_and_pipelined_runs_too() {
+    // The objective's norm, the GPU's step size and its halt on `error <= tol`, over
+    // several segments: a pipelined run stops where one waiting every step stops.
+    let ctx = ctx_with_segments(4096);
+    let n = 20_001;
+    let outcome = |sync_every: usize| {
+        let cfg = PolyakConfig::default()
+            .momentum(0.2)
+            .tol(1e-3)
+            .stepsize_mode(StepSizeMode::Device)
+            .sync_every(sync_every);
+        let mut opt = PolyakSgd::builder(&ctx, cfg)
+            .tensor(TensorSpec::new("params", &[n]))
+            .norm_from_objective(quadratic_partials(&ctx, n))
+            .build()
+            .unwrap();
+        opt.upload_params(&random(104, n)).unwrap();
+        let q = GpuQuadratic::new(&opt, "params", &random(105, n));
+        let s = opt.run(|ev| q.eval(ev)).unwrap();
+        (s, opt.download_params().unwrap())
+    };
+    let (s1, p1) = outcome(1);
+    assert!(s1.error <= 1e-3 && s1.iter_num > 5, "{s1:?}");
+    for k in [3, 8] {
+        let (s, p) = outcome(k);
+        assert_eq!(s, s1, "sync_every {k}");
+        assert_eq!(p, p1, "sync_every {k}");
+    }
+}

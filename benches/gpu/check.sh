@@ -23,6 +23,7 @@ step() { echo; echo "=== $* ($(date +%T))"; }
   step conformance, device step size; timeout 40 $B/conformance tests/data/jaxopt_polyak_reference.json --device-step 2>&1 | tail -10
   step stepsize_mode tests; timeout 60 $B/stepsize_mode --test-threads 1 2>&1 | grep -E "^test |test result|panicked|assert" | head -30
   step solver tests; timeout 60 $B/solver --test-threads 1 2>&1 | grep -E "test result|panicked|FAILED" | head
+  step mlp example; timeout 30 $B/mlp 2>&1 | tail -3
   step polyak-bench host; timeout 150 $B/polyak-bench --sizes "$SIZES" --json "$OUT/bench-host.json" 2>&1
   step polyak-bench device; timeout 70 $B/polyak-bench --sizes "$SIZES" --momentum on --stepsize device --cpu-max 1 --json "$OUT/bench-device.json" 2>&1
   step polyak-bench device, 16 steps per wait; timeout 70 $B/polyak-bench --sizes "$SIZES" --momentum on --stepsize device --sync-every 16 --cpu-max 1 --json "$OUT/bench-pipelined.json" 2>&1

@@ -15,8 +15,8 @@ if ! ls .whl/jaxopt-0.8.5-*.whl >/dev/null 2>&1; then
   python3 -m pip download -q --no-deps --only-binary :all: -d .whl jaxopt==0.8.5
 fi
 mkdir -p gpu-bin
-cargo build --release --bin polyak-bench --example conformance --example quickstart
-for b in polyak-bench examples/conformance examples/quickstart; do
+cargo build --release --bin polyak-bench --example conformance --example quickstart --example mlp
+for b in polyak-bench examples/conformance examples/quickstart examples/mlp; do
   cp "target/release/$b" gpu-bin/
 done
 # Test binaries that read no file by path (the conformance tests do; the example

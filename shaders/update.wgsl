@@ -2,6 +2,10 @@
 //   with momentum:    v = momentum * v - step * g;  p = p + v      (entry point `momentum`)
 //   without momentum: p = p + (-step) * g, no velocity traffic     (entry point `plain`)
 // Invocations share the segment as in the norm (see `walk`).
+//
+// `velocity4`, the velocity's storage type, is defined by a line the host puts in
+// front of this file: `vec4<f32>`, or `vec4<f16>` after `enable f16;` for an f16
+// velocity (the update computes in f32 either way and rounds only what it stores).
 
 struct Geometry {
     n4: u32,           // length of the segment in vec4s
@@ -19,7 +23,7 @@ struct Geometry {
 // binding 1: the gradient segment at the current parameters.
 @group(0) @binding(1) var<storage, read> grads: array<vec4<f32>>;
 // binding 2: the velocity segment (only bound by `momentum`).
-@group(0) @binding(2) var<storage, read_write> velocity: array<vec4<f32>>;
+@group(0) @binding(2) var<storage, read_write> velocity: array<velocity4>;
 // binding 3: this segment's dispatch geometry.
 @group(0) @binding(3) var<uniform> geo: Geometry;
 // binding 4: the scalars slot of norm_final.wgsl: [2] = the step size (rounded to
@@ -61,8 +65,8 @@ fn momentum(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_ind
     let step = scalars[2];
     let w = walk(group, lid);
     for (var i = w.x; i < w.y; i += w.z) {
-        let v = MOMENTUM * velocity[i] - step * grads[i];
-        velocity[i] = v;
+        let v = MOMENTUM * vec4<f32>(velocity[i]) - step * grads[i];
+        velocity[i] = velocity4(v);
         params[i] = params[i] + v;
     }
 }

@@ -92,6 +92,8 @@ pub(crate) struct Region {
     pub buffer: wgpu::Buffer,
     /// Byte offset.
     pub offset: u64,
+    /// Bytes per element: 4 (f32), or 2 for an f16 velocity.
+    pub elem: u64,
 }
 
 impl Region {
@@ -100,7 +102,31 @@ impl Region {
         wgpu::BufferBinding {
             buffer: &self.buffer,
             offset: self.offset,
-            size: wgpu::BufferSize::new(len as u64 * 4),
+            size: wgpu::BufferSize::new(len as u64 * self.elem),
+        }
+    }
+
+    /// Reads elements `first..first + len` as f32 (submits and waits).
+    fn read(&self, ctx: &GpuContext, first: usize, len: usize) -> Result<Vec<f32>> {
+        let at = self.offset + first as u64 * self.elem;
+        let bytes = read_bytes(ctx, &self.buffer, at, len as u64 * self.elem)?;
+        Ok(if self.elem == 2 {
+            let halves: Vec<half::f16> = bytemuck::pod_collect_to_vec(&bytes);
+            halves.iter().map(|h| h.to_f32()).collect()
+        } else {
+            bytemuck::pod_collect_to_vec(&bytes)
+        })
+    }
+
+    /// Queues `data` into elements `first..`, rounded to f16 (to nearest) if the
+    /// region holds f16.
+    fn write(&self, queue: &wgpu::Queue, first: usize, data: &[f32]) {
+        let at = self.offset + first as u64 * self.elem;
+        if self.elem == 2 {
+            let halves: Vec<half::f16> = data.iter().map(|&v| half::f16::from_f32(v)).collect();
+            queue.write_buffer(&self.buffer, at, bytemuck::cast_slice(&halves));
+        } else {
+            queue.write_buffer(&self.buffer, at, bytemuck::cast_slice(data));
         }
     }
 }
@@ -193,8 +219,9 @@ pub struct ParamBuffers {
 }
 
 /// Bytes of vectors the optimizer allocates for `layout`: parameters and gradients of
-/// the segments it owns, and a velocity for every segment if `with_velocity`.
-pub(crate) fn vector_bytes(layout: &Layout, with_velocity: bool) -> u64 {
+/// the segments it owns, and a velocity of `velocity_bytes` per element (0: none)
+/// for every segment.
+pub(crate) fn vector_bytes(layout: &Layout, velocity_bytes: u64) -> u64 {
     let mut external = vec![false; layout.segment_lens().len()];
     for t in layout.tensors().iter().filter(|t| t.external) {
         for p in &t.parts {
@@ -205,10 +232,7 @@ pub(crate) fn vector_bytes(layout: &Layout, with_velocity: bool) -> u64 {
         .segment_lens()
         .iter()
         .zip(external)
-        .map(|(&len, ext)| {
-            let vectors = 2 * usize::from(!ext) + usize::from(with_velocity);
-            len as u64 * 4 * vectors as u64
-        })
+        .map(|(&len, ext)| len as u64 * (8 * u64::from(!ext) + velocity_bytes))
         .sum()
 }
 
@@ -221,22 +245,22 @@ pub(crate) fn device_segment_capacity(limits: &wgpu::Limits) -> usize {
 }
 
 impl ParamBuffers {
-    /// Allocates zeroed buffers for the arena segments of `layout` (velocity for every
-    /// segment only if `with_velocity`) and uses the user's buffers for the segments
-    /// of external tensors, given in layout order.
+    /// Allocates zeroed buffers for the arena segments of `layout` (a velocity of
+    /// `velocity_bytes` per element for every segment, none if 0) and uses the
+    /// user's buffers for the segments of external tensors, given in layout order.
     pub(crate) fn new(
         ctx: &GpuContext,
         layout: Layout,
-        with_velocity: bool,
+        velocity_bytes: u64,
         external: &[ExternalTensor],
         readback_slots: usize,
         objective_partials: Option<u32>,
     ) -> Self {
         let device = ctx.device();
-        let storage = |label: &str, len: usize| {
+        let storage = |label: &str, bytes: u64| {
             device.create_buffer(&wgpu::BufferDescriptor {
                 label: Some(label),
-                size: (len * 4) as u64,
+                size: bytes,
                 usage: wgpu::BufferUsages::STORAGE
                     | wgpu::BufferUsages::COPY_SRC
                     | wgpu::BufferUsages::COPY_DST,
@@ -244,8 +268,9 @@ impl ParamBuffers {
             })
         };
         let own = |len: usize| Region {
-            buffer: storage("polyak vector", len),
+            buffer: storage("polyak vector", len as u64 * 4),
             offset: 0,
+            elem: 4,
         };
         // Which user region each external segment starts at.
         let mut user: Vec<Option<(Region, Region)>> = vec![None; layout.segment_lens().len()];
@@ -256,10 +281,12 @@ impl ParamBuffers {
                     Region {
                         buffer: ext.params.clone(),
                         offset: ext.params_offset + at,
+                        elem: 4,
                     },
                     Region {
                         buffer: ext.grads.clone(),
                         offset: ext.grads_offset + at,
+                        elem: 4,
                     },
                 ));
             }
@@ -273,15 +300,16 @@ impl ParamBuffers {
                 Segment {
                     params,
                     grads,
-                    velocity: with_velocity.then(|| Region {
-                        buffer: storage("polyak velocity", len),
+                    velocity: (velocity_bytes > 0).then(|| Region {
+                        buffer: storage("polyak velocity", len as u64 * velocity_bytes),
                         offset: 0,
+                        elem: velocity_bytes,
                     }),
                     len,
                 }
             })
             .collect();
-        let scalars = storage("polyak scalars", 8);
+        let scalars = storage("polyak scalars", 32);
         let staging = device.create_buffer(&wgpu::BufferDescriptor {
             label: Some("polyak scalars readback"),
             size: 16 * readback_slots.max(1) as u64,
@@ -295,7 +323,7 @@ impl ParamBuffers {
                 usage: wgpu::BufferUsages::COPY_SRC,
             });
             ObjectiveNorm {
-                partials: storage("polyak objective norm partials", count as usize),
+                partials: storage("polyak objective norm partials", u64::from(count) * 4),
                 unwritten,
                 count,
             }
@@ -356,7 +384,8 @@ impl ParamBuffers {
     /// gradients of the tensors it owns, and the velocity (user-owned buffers and the
     /// few-KiB scratch of the norm are not counted).
     pub fn device_bytes(&self) -> u64 {
-        vector_bytes(&self.layout, self.has_velocity())
+        let velocity = self.segments.first().and_then(|s| s.velocity.as_ref());
+        vector_bytes(&self.layout, velocity.map_or(0, |v| v.elem))
     }
 
     /// Bytes of the scalars slot and its readback buffer, and of the objective's
@@ -458,11 +487,7 @@ impl ParamBuffers {
             let r = pick(&self.segments[p.segment]).ok_or_else(no_velocity)?;
             needs(&r.buffer, wgpu::BufferUsages::COPY_DST, &t.spec.name)?;
             let src = &data[p.tensor_offset..p.tensor_offset + p.len];
-            self.ctx.queue().write_buffer(
-                &r.buffer,
-                r.offset + (p.offset * 4) as u64,
-                bytemuck::cast_slice(src),
-            );
+            r.write(self.ctx.queue(), p.offset, src);
         }
         Ok(())
     }
@@ -478,8 +503,7 @@ impl ParamBuffers {
             match pick(&self.segments[p.segment]) {
                 Some(r) => {
                     needs(&r.buffer, wgpu::BufferUsages::COPY_SRC, &t.spec.name)?;
-                    let at = r.offset + (p.offset * 4) as u64;
-                    out.extend(read_buffer(&self.ctx, &r.buffer, at, (p.len * 4) as u64)?);
+                    out.extend(r.read(&self.ctx, p.offset, p.len)?);
                 }
                 None => out.extend(std::iter::repeat_n(0.0, p.len)),
             }
@@ -583,12 +607,7 @@ impl ParamBuffers {
                         wgpu::BufferUsages::COPY_SRC,
                         owner.map_or("?", |t| &t.spec.name),
                     )?;
-                    Some(read_buffer(
-                        &self.ctx,
-                        &r.buffer,
-                        r.offset,
-                        (s.len * 4) as u64,
-                    )?)
+                    Some(r.read(&self.ctx, 0, s.len)?)
                 }
                 None => None,
             });
@@ -693,18 +712,6 @@ fn needs(buffer: &wgpu::Buffer, usage: wgpu::BufferUsages, tensor: &str) -> Resu
             reason: format!("its buffer lacks {usage:?} usage for this copy"),
         })
     }
-}
-
-/// Reads `size` bytes of `buffer` (which needs COPY_SRC) from `offset` into a new
-/// host vector of f32, through a temporary MAP_READ buffer.
-pub(crate) fn read_buffer(
-    ctx: &GpuContext,
-    buffer: &wgpu::Buffer,
-    offset: u64,
-    size: u64,
-) -> Result<Vec<f32>> {
-    let bytes = read_bytes(ctx, buffer, offset, size)?;
-    Ok(bytemuck::pod_collect_to_vec(&bytes))
 }
 
 /// Reads `size` bytes of `buffer` from `offset` (submits and waits).

@@ -1,10 +1,11 @@
 //! Checkpoints: the parameters, the velocity and the state in one safetensors file,
 //! written atomically and read back bit for bit.
 //!
-//! Tensors are stored as `params/<name>` and `velocity/<name>` (F32, the tensor's
-//! shape); the state goes in the header's metadata, its floats as their exact bits.
+//! Tensors are stored as `params/<name>` and `velocity/<name>` (F32, or F16 for an
+//! f16 velocity; the tensor's shape); the state goes in the header's metadata, its floats as their exact bits.
 //! The gradient is not stored: the next update evaluates the objective again.
 
+use crate::config::VelocityDtype;
 use crate::error::{Error, Result};
 use crate::layout::TensorPlacement;
 use crate::solver::PolyakSgd;
@@ -30,7 +31,7 @@ struct Lazy<'a> {
 
 impl View for Lazy<'_> {
     fn dtype(&self) -> Dtype {
-        Dtype::F32
+        if self.half() { Dtype::F16 } else { Dtype::F32 }
     }
 
     fn shape(&self) -> &[usize] {
@@ -45,6 +46,11 @@ impl View for Lazy<'_> {
             buffers.download_tensor(self.tensor.spec.name.as_str())
         };
         match got {
+            // An f16 velocity downloads as f32 exactly and goes back to f16 exactly.
+            Ok(v) if self.half() => {
+                let h: Vec<half::f16> = v.iter().map(|&x| half::f16::from_f32(x)).collect();
+                Cow::Owned(bytemuck::cast_slice(&h).to_vec())
+            }
             Ok(v) => Cow::Owned(bytemuck::cast_slice(&v).to_vec()),
             Err(e) => {
                 self.failed.borrow_mut().get_or_insert(e);
@@ -54,7 +60,14 @@ impl View for Lazy<'_> {
     }
 
     fn data_len(&self) -> usize {
-        self.tensor.spec.len() * 4
+        self.tensor.spec.len() * if self.half() { 2 } else { 4 }
+    }
+}
+
+impl Lazy<'_> {
+    /// Whether this is an f16 velocity (stored as F16, bit for bit).
+    fn half(&self) -> bool {
+        self.velocity && self.opt.config().velocity_dtype == VelocityDtype::F16
     }
 }
 
@@ -219,7 +232,9 @@ impl PolyakSgd {
                     ),
                 )
             })?;
-            if view.dtype() != Dtype::F32 || view.shape() != t.spec.shape.as_slice() {
+            // A velocity may be F16 (an f16 velocity's, or to be rounded into one).
+            let dtype_ok = view.dtype() == Dtype::F32 || (*velocity && view.dtype() == Dtype::F16);
+            if !dtype_ok || view.shape() != t.spec.shape.as_slice() {
                 return Err(io(
                     path,
                     format!(
@@ -230,7 +245,7 @@ impl PolyakSgd {
                     ),
                 ));
             }
-            found.push((*t, *velocity, view.data()));
+            found.push((*t, *velocity, view.dtype(), view.data()));
         }
         if file.len() != wanted.len() {
             let extra: Vec<_> = file
@@ -244,9 +259,14 @@ impl PolyakSgd {
             ));
         }
 
-        for (t, velocity, data) in found {
+        for (t, velocity, dtype, data) in found {
             // The file's bytes need not be aligned for f32.
-            let values: Vec<f32> = bytemuck::pod_collect_to_vec(data);
+            let values: Vec<f32> = if dtype == Dtype::F16 {
+                let h: Vec<half::f16> = bytemuck::pod_collect_to_vec(data);
+                h.iter().map(|x| x.to_f32()).collect()
+            } else {
+                bytemuck::pod_collect_to_vec(data)
+            };
             if velocity {
                 self.buffers().upload_tensor_velocity(t, &values)?;
             } else {

@@ -80,8 +80,10 @@ impl GpuContext {
         let (device, queue) = adapter
             .request_device(&wgpu::DeviceDescriptor {
                 label: Some("polyak-gpu"),
-                // Timestamps only serve the phase timings of benchmarks; free to ask.
-                required_features: adapter.features() & wgpu::Features::TIMESTAMP_QUERY,
+                // Timestamps serve the phase timings of benchmarks, f16 an f16
+                // velocity; both are free to ask for where the adapter has them.
+                required_features: adapter.features()
+                    & (wgpu::Features::TIMESTAMP_QUERY | wgpu::Features::SHADER_F16),
                 required_limits: adapter.limits(),
                 ..Default::default()
             })

@@ -124,12 +124,26 @@ pub(crate) fn pipeline(
         })
 }
 
-pub(crate) fn module(ctx: &GpuContext, label: &str, source: &'static str) -> wgpu::ShaderModule {
+pub(crate) fn module(
+    ctx: &GpuContext,
+    label: &str,
+    source: impl Into<std::borrow::Cow<'static, str>>,
+) -> wgpu::ShaderModule {
     ctx.device()
         .create_shader_module(wgpu::ShaderModuleDescriptor {
             label: Some(label),
             source: wgpu::ShaderSource::Wgsl(source.into()),
         })
+}
+
+/// `update.wgsl` with the velocity's storage type defined in front of it.
+fn update_source(velocity_bytes: u64) -> String {
+    let prelude = if velocity_bytes == 2 {
+        "enable f16;\nalias velocity4 = vec4<f16>;\n"
+    } else {
+        "alias velocity4 = vec4<f32>;\n"
+    };
+    format!("{prelude}{}", include_str!("../shaders/update.wgsl"))
 }
 
 pub(crate) fn uniform<T: bytemuck::Pod>(ctx: &GpuContext, value: &T) -> wgpu::Buffer {
@@ -191,7 +205,7 @@ impl Kernels {
             "norm_final",
             include_str!("../shaders/norm_final.wgsl"),
         );
-        let update_mod = module(ctx, "update", include_str!("../shaders/update.wgsl"));
+        let update_mod = module(ctx, "update", update_source(config.velocity_bytes()));
         let constants = ctx.kernel_constants();
         let norm_pipeline = pipeline(ctx, &norm_mod, "main", &constants);
         let final_pipeline = pipeline(ctx, &final_mod, "main", &[]);
@@ -356,64 +370,75 @@ mod tests {
     /// the 2-D dispatch path of both kernels runs on any adapter.
     #[test]
     fn two_dimensional_dispatch_norm_and_update() {
+        use crate::config::VelocityDtype;
         use crate::conformance::SplitMix64;
         use crate::layout::{Layout, TensorSpec};
         let ctx = GpuContext::software()
             .or_else(|_| GpuContext::new())
             .expect("an adapter");
-        let n = 4 * 70_001 - 3;
-        let layout = Layout::new(&[TensorSpec::new("p", &[n])], 8, 1 << 30).unwrap();
-        let bufs = ParamBuffers::new(&ctx, layout, true, &[], 1, None);
-        let n4 = (bufs.segments[0].len / 4) as u32;
-        let geo = Geometry {
-            n4,
-            chunk: 1,
-            groups_x: MAX_DIM,
-            groups: n4,
-            partial_base: 0,
-            pad: [0; 3],
-        };
-        assert_eq!(geo.dispatch(), (MAX_DIM, 2));
-        let config = PolyakConfig::default().momentum(0.5).max_stepsize(100.0);
-        let kernels = Kernels::with_geometries(&ctx, &bufs, &config, vec![geo]);
-        let mut rng = SplitMix64::new(11);
-        let g: Vec<f32> = (0..n).map(|_| rng.upm1() as f32).collect();
-        let p: Vec<f32> = (0..n).map(|_| rng.upm1() as f32).collect();
-        bufs.upload_grads(&g).unwrap();
-        bufs.upload_params(&p).unwrap();
-        bufs.write_loss(1000.0);
-        let mut enc = ctx.device().create_command_encoder(&Default::default());
-        bufs.clear_velocity(&mut enc);
-        kernels.encode_norm(&mut enc, None);
-        bufs.encode_scalars_readback(&mut enc, 0);
-        ctx.queue().submit([enc.finish()]);
-        let s = bufs.read_scalars().unwrap();
-        let exact: f64 = g.iter().map(|&x| f64::from(x) * f64::from(x)).sum();
-        assert!(
-            (f64::from(s.sqnorm) - exact).abs() <= 1e-5 * exact,
-            "{s:?} vs {exact}"
-        );
-        // The rule's step, in f32 on the GPU: 1000 / sqnorm (below the cap of 100).
-        let want = 1000.0 / s.sqnorm;
-        assert!((s.step - want).abs() <= 4.0 * f32::EPSILON * want, "{s:?}");
-        assert_eq!(s.verdict, crate::buffers::Verdict::Applied);
+        for dtype in [VelocityDtype::F32, VelocityDtype::F16] {
+            let n = 4 * 70_001 - 3;
+            let layout = Layout::new(&[TensorSpec::new("p", &[n])], 8, 1 << 30).unwrap();
+            let bufs = ParamBuffers::new(&ctx, layout, dtype.bytes(), &[], 1, None);
+            let n4 = (bufs.segments[0].len / 4) as u32;
+            let geo = Geometry {
+                n4,
+                chunk: 1,
+                groups_x: MAX_DIM,
+                groups: n4,
+                partial_base: 0,
+                pad: [0; 3],
+            };
+            assert_eq!(geo.dispatch(), (MAX_DIM, 2));
+            let config = PolyakConfig::default()
+                .momentum(0.5)
+                .max_stepsize(100.0)
+                .velocity_dtype(dtype);
+            let kernels = Kernels::with_geometries(&ctx, &bufs, &config, vec![geo]);
+            let mut rng = SplitMix64::new(11);
+            let g: Vec<f32> = (0..n).map(|_| rng.upm1() as f32).collect();
+            let p: Vec<f32> = (0..n).map(|_| rng.upm1() as f32).collect();
+            bufs.upload_grads(&g).unwrap();
+            bufs.upload_params(&p).unwrap();
+            bufs.write_loss(1000.0);
+            let mut enc = ctx.device().create_command_encoder(&Default::default());
+            bufs.clear_velocity(&mut enc);
+            kernels.encode_norm(&mut enc, None);
+            bufs.encode_scalars_readback(&mut enc, 0);
+            ctx.queue().submit([enc.finish()]);
+            let s = bufs.read_scalars().unwrap();
+            let exact: f64 = g.iter().map(|&x| f64::from(x) * f64::from(x)).sum();
+            assert!(
+                (f64::from(s.sqnorm) - exact).abs() <= 1e-5 * exact,
+                "{s:?} vs {exact}"
+            );
+            // The rule's step, in f32 on the GPU: 1000 / sqnorm (below the cap of 100).
+            let want = 1000.0 / s.sqnorm;
+            assert!((s.step - want).abs() <= 4.0 * f32::EPSILON * want, "{s:?}");
+            assert_eq!(s.verdict, crate::buffers::Verdict::Applied);
 
-        bufs.write_step(0.25);
-        let mut enc = ctx.device().create_command_encoder(&Default::default());
-        kernels.encode_update(&mut enc, None);
-        ctx.queue().submit([enc.finish()]);
-        let got = bufs.download_params().unwrap();
-        let vel = bufs.download_velocity().unwrap().unwrap();
-        for i in [0, 1, 4 * 65_535 - 1, 4 * 65_535, 4 * 65_535 + 5, n - 1] {
-            let v = -0.25 * g[i];
-            assert_eq!(vel[i], v, "velocity at {i}");
-            assert_eq!(got[i], p[i] + v, "params at {i}");
+            bufs.write_step(0.25);
+            let mut enc = ctx.device().create_command_encoder(&Default::default());
+            kernels.encode_update(&mut enc, None);
+            ctx.queue().submit([enc.finish()]);
+            let got = bufs.download_params().unwrap();
+            let vel = bufs.download_velocity().unwrap().unwrap();
+            for i in [0, 1, 4 * 65_535 - 1, 4 * 65_535, 4 * 65_535 + 5, n - 1] {
+                let v = -0.25 * g[i];
+                // an f16 velocity is stored rounded; the parameters get it unrounded
+                let stored = match dtype {
+                    VelocityDtype::F32 => v,
+                    VelocityDtype::F16 => half::f16::from_f32(v).to_f32(),
+                };
+                assert_eq!(vel[i], stored, "{dtype:?} velocity at {i}");
+                assert_eq!(got[i], p[i] + v, "{dtype:?} params at {i}");
+            }
+            let changed = got.iter().zip(&p).filter(|(a, b)| a != b).count();
+            assert!(
+                changed > n - n / 100,
+                "only {changed} of {n} parameters moved"
+            );
         }
-        let changed = got.iter().zip(&p).filter(|(a, b)| a != b).count();
-        assert!(
-            changed > n - n / 100,
-            "only {changed} of {n} parameters moved"
-        );
     }
 
     #[test]

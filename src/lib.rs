@@ -40,7 +40,7 @@ pub mod state;
 pub mod stepsize;
 
 pub use buffers::{ExternalTensor, ParamBuffers};
-pub use config::{NonFinitePolicy, PolyakConfig, StepSizeMode, Variant};
+pub use config::{NonFinitePolicy, PolyakConfig, StepSizeMode, Variant, VelocityDtype};
 pub use context::{AdapterChoice, ContextOptions, GpuContext};
 pub use error::{Error, Result};
 pub use evaluation::Evaluation;

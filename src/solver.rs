@@ -92,6 +92,15 @@ impl PolyakSgdBuilder {
             norm_partials,
         } = self;
         config.validate()?;
+        if config.velocity_bytes() == 2
+            && !ctx.device().features().contains(wgpu::Features::SHADER_F16)
+        {
+            return Err(Error::InvalidOption {
+                option: "velocity_dtype",
+                value: "F16".into(),
+                reason: "the device lacks the SHADER_F16 feature",
+            });
+        }
         let most = ctx.limits().max_storage_buffer_binding_size as usize / 4;
         if let Some(n) = norm_partials.filter(|&n| n == 0 || n > most) {
             return Err(Error::InvalidOption {
@@ -117,7 +126,7 @@ impl PolyakSgdBuilder {
             layout.place_external(&e.spec)?;
         }
         let layout = layout.finish()?;
-        let needed = vector_bytes(&layout, config.momentum != 0.0);
+        let needed = vector_bytes(&layout, config.velocity_bytes());
         if let Some(available) = ctx.available_memory() {
             if needed > available {
                 return Err(Error::OutOfMemory(format!(
@@ -135,7 +144,7 @@ impl PolyakSgdBuilder {
         let buffers = ParamBuffers::new(
             &ctx,
             layout,
-            config.momentum != 0.0,
+            config.velocity_bytes(),
             &external,
             config.sync_every,
             norm_partials.map(|n| n as u32),

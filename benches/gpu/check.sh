@@ -28,9 +28,11 @@ step() { echo; echo "=== $* ($(date +%T))"; }
   step polyak-bench device; timeout 70 $B/polyak-bench --sizes "$SIZES" --momentum on --stepsize device --cpu-max 1 --json "$OUT/bench-device.json" 2>&1
   step polyak-bench device, 16 steps per wait; timeout 70 $B/polyak-bench --sizes "$SIZES" --momentum on --stepsize device --sync-every 16 --cpu-max 1 --json "$OUT/bench-pipelined.json" 2>&1
   step polyak-bench, norm from the objective; timeout 70 $B/polyak-bench --sizes "$SIZES" --stepsize device --norm-from-objective on --cpu-max 1 --json "$OUT/bench-objective-norm.json" 2>&1
-  step pipeline and objective-norm tests
+  step polyak-bench, f16 velocity; timeout 70 $B/polyak-bench --sizes "$SIZES" --momentum on --stepsize device --velocity f16 --cpu-max 1 --json "$OUT/bench-f16.json" 2>&1
+  step pipeline, objective-norm and f16-velocity tests
   timeout 40 $B/pipeline --test-threads 1 2>&1 | grep -E "test result|panicked|FAILED" | head
   timeout 40 $B/objective_norm --test-threads 1 2>&1 | grep -E "test result|panicked|FAILED" | head
+  timeout 40 $B/velocity_f16 --test-threads 1 2>&1 | grep -E "test result|panicked|FAILED" | head
   step out of memory: 2e10 parameters, 240 GB; expect a does-not-fit row, not a crash
   timeout 40 $B/polyak-bench --sizes 2e10 --momentum on --cpu-max 1 --reps 2 2>&1 | tail -5
   step peers; PYTHONUNBUFFERED=1 timeout 120 python3 benches/peers/peers.py --sizes "$PEERS" --reps 20 --json "$OUT/peers.json" 2>&1 | grep -v -i warn

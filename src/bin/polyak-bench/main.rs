@@ -9,7 +9,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 use polyak_gpu::bench::{self, CopyBench, CpuBaseline, fill};
 use polyak_gpu::{
     AdapterChoice, ContextOptions, Evaluation, GpuContext, Loss, PolyakConfig, PolyakSgd, Result,
-    StepSizeMode, TensorSpec,
+    StepSizeMode, TensorSpec, VelocityDtype,
 };
 use serde_json::{Value, json};
 use std::time::Instant;
@@ -29,6 +29,7 @@ options:
   --stepsize M        host | device: where the step size is computed (default host;
                       the fixed overhead is measured every way whatever this says)
   --sync-every K      with --stepsize device: steps submitted per wait (default 1)
+  --velocity f32|f16   how the velocity is stored (default f32)
   --norm-from-objective on|off
                       the objective writes the squared-norm partials (20 / 12 bytes
                       per parameter instead of 24 / 16; default off)
@@ -47,6 +48,7 @@ struct Args {
     stepsize: StepSizeMode,
     sync_every: usize,
     norm_from_objective: bool,
+    velocity: VelocityDtype,
     json: Option<String>,
 }
 
@@ -72,6 +74,7 @@ fn parse_args() -> std::result::Result<Args, String> {
         stepsize: StepSizeMode::Host,
         sync_every: 1,
         norm_from_objective: false,
+        velocity: VelocityDtype::F32,
         json: None,
     };
     let mut it = std::env::args().skip(1);
@@ -116,6 +119,13 @@ fn parse_args() -> std::result::Result<Args, String> {
             }
             "--sync-every" => a.sync_every = parse_count(&value)?,
             "--norm-from-objective" => a.norm_from_objective = value == "on",
+            "--velocity" => {
+                a.velocity = match value.as_str() {
+                    "f32" => VelocityDtype::F32,
+                    "f16" => VelocityDtype::F16,
+                    _ => return Err(format!("--velocity f32|f16, not {value:?}")),
+                }
+            }
             "--json" => a.json = Some(value),
             _ => return Err(format!("unknown option {flag}")),
         }
@@ -379,12 +389,9 @@ fn run(args: &Args) -> Result<()> {
         );
     }
     println!(
-        "\nfloor = bytes per parameter ({}) x N / copy rate;",
-        if args.norm_from_objective {
-            "20 with momentum, 12 without: the objective computes the norm"
-        } else {
-            "24 with momentum, 16 without"
-        }
+        "\nfloor = bytes per parameter ({} with momentum, {} without) x N / copy rate;",
+        bytes_per_param(args, true),
+        bytes_per_param(args, false)
     );
     println!("%floor = floor / step time (100% = as fast as a copy of the same bytes)");
     println!("peak host RSS: {:.0} MiB", bench::peak_rss_mib());
@@ -407,6 +414,7 @@ fn run(args: &Args) -> Result<()> {
             "pipelined_sync_every": PIPELINE,
             "sync_every": args.sync_every,
             "norm_from_objective": args.norm_from_objective,
+            "velocity_dtype": format!("{:?}", args.velocity),
             "peak_rss_MiB": bench::peak_rss_mib(),
             "rows": rows,
         });
@@ -442,17 +450,23 @@ fn mom(r: &Value) -> &'static str {
     }
 }
 
-fn measure(ctx: &GpuContext, args: &Args, n: usize, momentum: bool, copy_gbps: f64) -> Value {
-    // The optimizer's own traffic: the norm's read of the gradient is gone when the
-    // objective computes the norm.
-    let bytes_per_param = match (momentum, args.norm_from_objective) {
-        (true, false) => 24,
-        (false, false) => 16,
-        (true, true) => 20,
-        (false, true) => 12,
+/// The optimizer's own traffic per parameter and step: the norm reads g (not when
+/// the objective computes the norm), the update reads p and g and writes p, and
+/// reads and writes v.
+fn bytes_per_param(args: &Args, momentum: bool) -> usize {
+    let velocity = if momentum {
+        args.velocity.bytes() as usize
+    } else {
+        0
     };
+    let norm = if args.norm_from_objective { 0 } else { 4 };
+    norm + 12 + 2 * velocity
+}
+
+fn measure(ctx: &GpuContext, args: &Args, n: usize, momentum: bool, copy_gbps: f64) -> Value {
+    let bytes_per_param = bytes_per_param(args, momentum);
     let mut row = json!({"n": n, "momentum": momentum, "bytes_per_param": bytes_per_param});
-    let vectors = (n as u64) * if momentum { 12 } else { 8 };
+    let vectors = (n as u64) * (8 + if momentum { args.velocity.bytes() } else { 0 });
     // On a CPU adapter the "device" memory is host memory: leave room for the baseline.
     if ctx.available_memory().is_some_and(|a| 2 * vectors > a) {
         row["error"] = json!(format!(
@@ -462,7 +476,7 @@ fn measure(ctx: &GpuContext, args: &Args, n: usize, momentum: bool, copy_gbps: f
         return row;
     }
     let gpu = (|| -> Result<Value> {
-        let cfg = config(momentum, args.stepsize, args.sync_every);
+        let cfg = config(momentum, args.stepsize, args.sync_every).velocity_dtype(args.velocity);
         let mut builder = PolyakSgd::builder(ctx, cfg).tensor(TensorSpec::new("params", &[n]));
         let mut partials = None;
         if args.norm_from_objective {

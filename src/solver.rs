@@ -31,7 +31,8 @@ pub struct PreUpdate<'a> {
 /// Median device times of the phases of a step ([`PolyakSgd::time_phases`]).
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct PhaseTimes {
-    /// Both norm passes, in milliseconds.
+    /// Both norm passes (only the final sum when the objective computes the norm), in
+    /// milliseconds.
     pub norm_ms: f64,
     /// The fused update, in milliseconds.
     pub update_ms: f64,

@@ -11,7 +11,8 @@
 struct Rule {
     n: u32,            // number of partials
     variant: u32,      // 0 = SPS_max, 1 = SPS+
-    refuse: u32,       // 1 = refuse a non-finite loss, norm or step (NonFinitePolicy::Refuse)
+    refuse: u32,       // a non-finite loss, norm or step: 0 = apply (Propagate), 1 = refuse
+                       // and halt a pipelined run (Refuse), 2 = skip and go on (Skip)
     _pad0: u32,
     max_stepsize: f32, // SPS_max's cap
     delta: f32,        // added to the squared norm by SPS_max
@@ -118,7 +119,7 @@ fn main(@builtin(local_invocation_index) lid: u32) {
         let sqnorm = sums[0];
         let step = polyak_step(loss, sqnorm);
         let finite = is_finite(loss) && is_finite(sqnorm) && is_finite(step);
-        let refused = rule.refuse == 1u && !finite;
+        let refused = rule.refuse != 0u && !finite;
         scalars[1] = sqnorm;
         scalars[2] = step;
         let halts = scalars[5];
@@ -129,7 +130,7 @@ fn main(@builtin(local_invocation_index) lid: u32) {
         scalars[3] = select(0.0, 1.0, refused);
         // `run` stops once !(error > tol): a NaN norm stops it too.
         let stop = halts == 2.0 && (is_nan(sqnorm) || sqnorm <= scalars[6]);
-        if ((halts != 0.0 && refused) || stop) {
+        if ((halts != 0.0 && refused && rule.refuse == 1u) || stop) {
             scalars[4] = 1.0;
         }
     }

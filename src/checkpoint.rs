@@ -118,6 +118,7 @@ impl PolyakSgd {
             ("iter_num".into(), state.iter_num.to_string()),
             ("num_fun_eval".into(), state.num_fun_eval.to_string()),
             ("num_grad_eval".into(), state.num_grad_eval.to_string()),
+            ("num_skipped".into(), state.num_skipped.to_string()),
             ("value".into(), bits(state.value)),
             ("error".into(), bits(state.error)),
             ("stepsize".into(), bits(state.stepsize)),
@@ -205,6 +206,7 @@ impl PolyakSgd {
             aux: (),
             num_fun_eval: count("num_fun_eval")?,
             num_grad_eval: count("num_grad_eval")?,
+            num_skipped: count("num_skipped")?,
         };
 
         // Every tensor of the layout, nothing else, as F32 of the right shape.

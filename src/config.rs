@@ -49,6 +49,13 @@ pub enum NonFinitePolicy {
     /// (e.g. the 0/0 step at an exact optimum with `delta = 0`). Used by the
     /// conformance runner.
     Propagate,
+    /// Skip the step and go on, as a training loop over noisy batches wants: the
+    /// parameters and velocity stay as they were, `update` returns the state with
+    /// `iter_num` unchanged, `num_skipped` one higher and the step's non-finite
+    /// value, error and step size; `run_iterator` moves on to the next batch. `run`
+    /// stops where jaxopt's would (a NaN `error` ends its loop) or after `maxiter`
+    /// evaluations.
+    Skip,
 }
 
 /// Where the step size of each update is computed. Not a jaxopt option.

@@ -81,7 +81,11 @@ impl RuleUniform {
                 Variant::SpsMax => 0,
                 Variant::SpsPlus => 1,
             },
-            refuse: u32::from(config.nonfinite == NonFinitePolicy::Refuse),
+            refuse: match config.nonfinite {
+                NonFinitePolicy::Propagate => 0,
+                NonFinitePolicy::Refuse => 1,
+                NonFinitePolicy::Skip => 2,
+            },
             pad0: 0,
             max_stepsize: config.max_stepsize as f32,
             delta: config.delta as f32,

@@ -3,7 +3,8 @@
 //! idles while the CPU reads a step back.
 //!
 //! The GPU itself keeps the results those of waiting every step: once a step is
-//! refused, or `run`'s stopping rule holds after a step, it skips the updates of the
+//! refused (under `Refuse`; a step skipped under `Skip` halts nothing), or `run`'s
+//! stopping rule holds after a step, it skips the updates of the
 //! steps already submitted behind it (`norm_final.wgsl`'s halt). The CPU then reads
 //! the steps of the batch in order and stops where the GPU stopped.
 
@@ -71,15 +72,10 @@ impl PolyakSgd {
                 let value = loss.value(s);
                 let stepsize = f64::from(s.step);
                 match s.verdict {
-                    Verdict::Applied => {}
-                    Verdict::Refused => {
-                        return Err(Error::NonFinite {
-                            iter_num: state.iter_num,
-                            value,
-                            sqnorm: f64::from(s.sqnorm),
-                            stepsize,
-                        });
-                    }
+                    Verdict::Applied => state = self.advance(&state, value, stepsize, s, aux),
+                    // An error under Refuse (the GPU halted behind it), the skipped
+                    // state under Skip (the GPU went on).
+                    Verdict::Refused => state = self.refusal(&state, value, stepsize, s, aux)?,
                     // Only a halt skips a step, and the CPU stops at the halting one.
                     Verdict::Skipped => {
                         return Err(Error::Device(format!(
@@ -88,7 +84,6 @@ impl PolyakSgd {
                         )));
                     }
                 }
-                state = self.advance(&state, value, stepsize, s, aux);
                 if tol.is_some_and(|tol| !state.should_continue(tol)) {
                     return Ok(state);
                 }

@@ -101,13 +101,18 @@ impl CpuPolyakSgd {
         let sqnorm = sqnorm_f64(&self.grad);
         let stepsize = polyak_stepsize(value, sqnorm, &self.config, Precision::F64);
         let finite = value.is_finite() && sqnorm.is_finite() && stepsize.is_finite();
-        if !finite && self.config.nonfinite == NonFinitePolicy::Refuse {
-            return Err(Error::NonFinite {
-                iter_num: state.iter_num,
-                value,
-                sqnorm,
-                stepsize,
-            });
+        match self.config.nonfinite {
+            _ if finite => {}
+            NonFinitePolicy::Refuse => {
+                return Err(Error::NonFinite {
+                    iter_num: state.iter_num,
+                    value,
+                    sqnorm,
+                    stepsize,
+                });
+            }
+            NonFinitePolicy::Skip => return Ok(state.skipped(value, sqnorm.sqrt(), stepsize, aux)),
+            NonFinitePolicy::Propagate => {}
         }
         match &mut self.velocity {
             Some(v) => {
@@ -131,6 +136,7 @@ impl CpuPolyakSgd {
             aux,
             num_fun_eval: state.num_fun_eval + 1,
             num_grad_eval: state.num_grad_eval + 1,
+            num_skipped: state.num_skipped,
         })
     }
 

@@ -494,6 +494,7 @@ impl PolyakSgd {
             aux,
             num_fun_eval: state.num_fun_eval + 1,
             num_grad_eval: state.num_grad_eval + 1,
+            num_skipped: state.num_skipped,
         };
         if self.config.verbose {
             log::info!(
@@ -507,12 +508,42 @@ impl PolyakSgd {
         next
     }
 
+    /// What a step that was not applied gives: [`Error::NonFinite`] under `Refuse`,
+    /// the skipped state under `Skip`.
+    pub(crate) fn refusal<A>(
+        &self,
+        state: &State<A>,
+        value: f64,
+        stepsize: f64,
+        scalars: &Scalars,
+        aux: A,
+    ) -> Result<State<A>> {
+        let sqnorm = f64::from(scalars.sqnorm);
+        if self.config.nonfinite == NonFinitePolicy::Skip {
+            let error = f64::from(scalars.sqnorm.sqrt());
+            if self.config.verbose {
+                log::info!(
+                    "iter {} skipped: value {value:e} error {error:e} stepsize {stepsize:e}",
+                    state.iter_num
+                );
+            }
+            return Ok(state.skipped(value, error, stepsize, aux));
+        }
+        Err(Error::NonFinite {
+            iter_num: state.iter_num,
+            value,
+            sqnorm,
+            stepsize,
+        })
+    }
+
     /// jaxopt's `update`: one Polyak step from the current parameters.
     ///
     /// Under [`NonFinitePolicy::Refuse`] (the default) a NaN or infinite loss, norm or
     /// step size returns [`Error::NonFinite`] and the parameters and velocity stay
     /// as they were (under [`StepSizeMode::Device`] the GPU makes that check and
-    /// skips the update).
+    /// skips the update); under [`NonFinitePolicy::Skip`] such a step returns the
+    /// skipped state instead.
     pub fn update<A>(
         &mut self,
         state: &State<A>,
@@ -541,15 +572,10 @@ impl PolyakSgd {
             scalars.verdict != Verdict::Applied
         } else {
             let finite = value.is_finite() && sqnorm.is_finite() && stepsize.is_finite();
-            !finite && self.config.nonfinite == NonFinitePolicy::Refuse
+            !finite && self.config.nonfinite != NonFinitePolicy::Propagate
         };
         if refused {
-            return Err(Error::NonFinite {
-                iter_num: state.iter_num,
-                value,
-                sqnorm,
-                stepsize,
-            });
+            return self.refusal(state, value, stepsize, &scalars, aux);
         }
         if !on_device {
             self.buffers.write_step(stepsize as f32);

@@ -21,6 +21,9 @@ pub struct State<A = ()> {
     pub num_fun_eval: usize,
     /// Gradient evaluations so far.
     pub num_grad_eval: usize,
+    /// Steps skipped as non-finite under [`crate::NonFinitePolicy::Skip`] (not a
+    /// jaxopt field).
+    pub num_skipped: usize,
 }
 
 impl<A> State<A> {
@@ -34,6 +37,22 @@ impl<A> State<A> {
             aux,
             num_fun_eval: 1,
             num_grad_eval: 0,
+            num_skipped: 0,
+        }
+    }
+
+    /// The state after a step that was evaluated but skipped as non-finite: no
+    /// update counted, the step's own value, error and step size.
+    pub(crate) fn skipped<B>(&self, value: f64, error: f64, stepsize: f64, aux: B) -> State<B> {
+        State {
+            iter_num: self.iter_num,
+            value,
+            error,
+            stepsize,
+            aux,
+            num_fun_eval: self.num_fun_eval + 1,
+            num_grad_eval: self.num_grad_eval + 1,
+            num_skipped: self.num_skipped + 1,
         }
     }
 
@@ -48,6 +67,7 @@ impl<A> State<A> {
             aux,
             num_fun_eval: self.num_fun_eval,
             num_grad_eval: self.num_grad_eval,
+            num_skipped: self.num_skipped,
         }
     }
 

@@ -1,7 +1,10 @@
 // Squared L2 norm, pass 2 of 2: one workgroup sums all partials of pass 1 (every
 // segment) in a fixed order and writes the squared norm next to the loss. Its first
-// invocation then applies the Polyak step-size rule in f32 (jaxopt's float32 path)
-// and writes the step and the verdict that the update reads. Under the host step-size
+// invocation then applies the Polyak step-size rule in the parameters' precision
+// (`real`: f32, as jaxopt's float32 path, or f64) and writes the step and the verdict
+// that the update reads. `real`, `EPS` and the classification helpers (`is_nan`,
+// `is_finite`, `nan`, `inf_with_sign_of`) come from the precision prelude the host
+// puts in front (kernels.rs). Under the host step-size
 // mode the CPU overwrites both before the update runs.
 //
 // Pipelined runs (several steps submitted per readback) arm a halt: once a step is
@@ -14,53 +17,27 @@ struct Rule {
     refuse: u32,       // a non-finite loss, norm or step: 0 = apply (Propagate), 1 = refuse
                        // and halt a pipelined run (Refuse), 2 = skip and go on (Skip)
     _pad0: u32,
-    max_stepsize: f32, // SPS_max's cap
-    delta: f32,        // added to the squared norm by SPS_max
-    fun_min: f32,      // the estimate of the optimal loss
-    _pad1: f32,
 }
 
 // binding 0: the partial sums written by norm_partials.wgsl.
-@group(0) @binding(0) var<storage, read> partials: array<f32>;
+@group(0) @binding(0) var<storage, read> partials: array<real>;
 // binding 1: the scalars slot: [0] = loss (written by the objective), [1] = squared
 // norm, [2] = step size, [3] = verdict: 0.0 = the update runs, 1.0 = refused (a
 // non-finite step), 2.0 = skipped (an earlier step halted the run); [4] = 1.0 once
 // halted; [5] = what halts (written by the CPU): 0.0 = nothing (single updates),
 // 1.0 = a refusal (run_iterator), 2.0 = a refusal or the stopping rule (run);
-// [6] = the squared norm at or below which `run` stops (its `error <= tol` in f32
-// terms).
-@group(0) @binding(1) var<storage, read_write> scalars: array<f32, 8>;
-// binding 2: the partial count and the step-size options.
+// [6] = the squared norm at or below which `run` stops (its `error <= tol` in the
+// GPU's terms); written once by the host: [7] = momentum (update.wgsl),
+// [8] = max_stepsize, [9] = delta, [10] = fun_min.
+@group(0) @binding(1) var<storage, read_write> scalars: array<real, 12>;
+// binding 2: the partial count, the variant and the non-finite policy.
 @group(0) @binding(2) var<uniform> rule: Rule;
 
 const WG: u32 = 256u;
-const EPS: f32 = 1.1920929e-7; // jnp.finfo(float32).eps, SPS+'s guard
-var<workgroup> sums: array<f32, WG>;
-
-// Classification by bits: WGSL lets a compiler assume arithmetic never meets NaN or
-// infinity, so these never compare floats.
-fn is_nan(x: f32) -> bool {
-    return (bitcast<u32>(x) & 0x7fffffffu) > 0x7f800000u;
-}
-
-fn is_finite(x: f32) -> bool {
-    return (bitcast<u32>(x) & 0x7f800000u) != 0x7f800000u;
-}
-
-// A quiet NaN / a signed infinity, made at run time (a constant NaN or infinity is
-// a shader-creation error in WGSL).
-fn nan() -> f32 {
-    var bits = 0x7fc00000u;
-    return bitcast<f32>(bits);
-}
-
-fn inf_with_sign_of(x: f32) -> f32 {
-    var bits = 0x7f800000u;
-    return bitcast<f32>(bits | (bitcast<u32>(x) & 0x80000000u));
-}
+var<workgroup> sums: array<real, WG>;
 
 // a / b, with the IEEE result spelled out where b is zero (x/0 = ±inf, 0/0 = NaN).
-fn div(a: f32, b: f32) -> f32 {
+fn div(a: real, b: real) -> real {
     if (is_nan(a) || is_nan(b)) {
         return nan();
     }
@@ -74,35 +51,35 @@ fn div(a: f32, b: f32) -> f32 {
 }
 
 // jnp.minimum / jnp.maximum: NaN if either side is NaN.
-fn nan_min(a: f32, b: f32) -> f32 {
+fn nan_min(a: real, b: real) -> real {
     if (is_nan(a) || is_nan(b)) {
         return nan();
     }
     return select(b, a, a < b);
 }
 
-fn nan_max(a: f32, b: f32) -> f32 {
+fn nan_max(a: real, b: real) -> real {
     if (is_nan(a) || is_nan(b)) {
         return nan();
     }
     return select(b, a, a > b);
 }
 
-// The rule of stepsize.rs (`polyak_stepsize`) in f32.
-fn polyak_step(loss: f32, sqnorm: f32) -> f32 {
-    let gap = loss - rule.fun_min;
+// The rule of stepsize.rs (`polyak_stepsize`) in `real`.
+fn polyak_step(loss: real, sqnorm: real) -> real {
+    let gap = loss - scalars[10];
     if (rule.variant == 0u) {
-        return nan_min(div(gap, sqnorm + rule.delta), rule.max_stepsize);
+        return nan_min(div(gap, sqnorm + scalars[9]), scalars[8]);
     }
     if (sqnorm <= EPS) {
-        return 0.0;
+        return real(0.0);
     }
-    return nan_max(div(gap, sqnorm), 0.0);
+    return nan_max(div(gap, sqnorm), real(0.0));
 }
 
 @compute @workgroup_size(256)
 fn main(@builtin(local_invocation_index) lid: u32) {
-    var acc = 0.0;
+    var acc = real(0.0);
     for (var i = lid; i < rule.n; i += WG) {
         acc += partials[i];
     }
@@ -124,14 +101,14 @@ fn main(@builtin(local_invocation_index) lid: u32) {
         scalars[2] = step;
         let halts = scalars[5];
         if (halts != 0.0 && scalars[4] != 0.0) {
-            scalars[3] = 2.0;
+            scalars[3] = real(2.0);
             return;
         }
-        scalars[3] = select(0.0, 1.0, refused);
+        scalars[3] = select(real(0.0), real(1.0), refused);
         // `run` stops once !(error > tol): a NaN norm stops it too.
         let stop = halts == 2.0 && (is_nan(sqnorm) || sqnorm <= scalars[6]);
         if ((halts != 0.0 && refused && rule.refuse == 1u) || stop) {
-            scalars[4] = 1.0;
+            scalars[4] = real(1.0);
         }
     }
 }

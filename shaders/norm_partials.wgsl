@@ -1,6 +1,7 @@
 // Squared L2 norm, pass 1 of 2: each workgroup sums g*g over its share of one
 // gradient segment and writes a single partial. Fixed order, no atomics, so the
-// result is bitwise repeatable on one adapter.
+// result is bitwise repeatable on one adapter. `real` / `real4` (f32 or f64) come
+// from the precision prelude the host puts in front (kernels.rs).
 
 struct Geometry {
     n4: u32,           // length of the segment in vec4s
@@ -14,9 +15,9 @@ struct Geometry {
 }
 
 // binding 0: the gradient segment, read only (zero in padding and gaps).
-@group(0) @binding(0) var<storage, read> grads: array<vec4<f32>>;
+@group(0) @binding(0) var<storage, read> grads: array<real4>;
 // binding 1: one partial sum per workgroup of every segment.
-@group(0) @binding(1) var<storage, read_write> partials: array<f32>;
+@group(0) @binding(1) var<storage, read_write> partials: array<real>;
 // binding 2: this segment's dispatch geometry.
 @group(0) @binding(2) var<uniform> geo: Geometry;
 
@@ -24,7 +25,7 @@ const WG: u32 = 256u;
 // How invocations share the segment: a grid-stride loop on GPUs (false), contiguous
 // chunks per workgroup and runs per invocation on CPU adapters (true); see update.wgsl.
 override CONTIGUOUS: bool = false;
-var<workgroup> sums: array<f32, WG>;
+var<workgroup> sums: array<real, WG>;
 
 @compute @workgroup_size(256)
 fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
@@ -43,7 +44,7 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
         stop = min(i + per, end);
         stride = 1u;
     }
-    var acc = vec4<f32>(0.0);
+    var acc = real4(0.0);
     for (; i < stop; i += stride) {
         let g = grads[i];
         acc += g * g;

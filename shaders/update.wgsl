@@ -3,9 +3,10 @@
 //   without momentum: p = p + (-step) * g, no velocity traffic     (entry point `plain`)
 // Invocations share the segment as in the norm (see `walk`).
 //
-// `velocity4`, the velocity's storage type, is defined by a line the host puts in
-// front of this file: `vec4<f32>`, or `vec4<f16>` after `enable f16;` for an f16
-// velocity (the update computes in f32 either way and rounds only what it stores).
+// `real4` (vec4 of f32 or f64) and `velocity4`, the velocity's storage type, come
+// from the precision prelude the host puts in front (kernels.rs): `velocity4` is
+// `real4`, or `vec4<f16>` after `enable f16;` for an f16 velocity (the update
+// computes in `real` either way and rounds only what it stores).
 
 struct Geometry {
     n4: u32,           // length of the segment in vec4s
@@ -19,20 +20,18 @@ struct Geometry {
 }
 
 // binding 0: the parameter segment, updated in place.
-@group(0) @binding(0) var<storage, read_write> params: array<vec4<f32>>;
+@group(0) @binding(0) var<storage, read_write> params: array<real4>;
 // binding 1: the gradient segment at the current parameters.
-@group(0) @binding(1) var<storage, read> grads: array<vec4<f32>>;
+@group(0) @binding(1) var<storage, read> grads: array<real4>;
 // binding 2: the velocity segment (only bound by `momentum`).
 @group(0) @binding(2) var<storage, read_write> velocity: array<velocity4>;
 // binding 3: this segment's dispatch geometry.
 @group(0) @binding(3) var<uniform> geo: Geometry;
-// binding 4: the scalars slot of norm_final.wgsl: [2] = the step size (rounded to
-// f32), [3] = not 0.0 if this update must not run (refused, or the run halted).
-@group(0) @binding(4) var<storage, read> scalars: array<f32, 8>;
+// binding 4: the scalars slot of norm_final.wgsl: [2] = the step size, [3] = not 0.0
+// if this update must not run (refused, or the run halted), [7] = the momentum.
+@group(0) @binding(4) var<storage, read> scalars: array<real, 12>;
 
 const WG: u32 = 256u;
-// The momentum coefficient, fixed for the optimizer's lifetime.
-override MOMENTUM: f32 = 0.0;
 // How invocations share the segment. GPUs (false): a grid-stride loop, workgroup
 // `group` starting at vec4 `group * WG` and all invocations striding by the whole
 // grid, so neighbouring invocations load neighbouring vec4s. CPU adapters (true),
@@ -63,9 +62,10 @@ fn momentum(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_ind
         return;
     }
     let step = scalars[2];
+    let momentum = scalars[7];
     let w = walk(group, lid);
     for (var i = w.x; i < w.y; i += w.z) {
-        let v = MOMENTUM * vec4<f32>(velocity[i]) - step * grads[i];
+        let v = momentum * real4(velocity[i]) - step * grads[i];
         velocity[i] = velocity4(v);
         params[i] = params[i] + v;
     }

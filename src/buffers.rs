@@ -1,5 +1,6 @@
 //! The GPU storage the optimizer owns: parameters, gradients, velocity, scratch.
 
+use crate::config::PolyakConfig;
 use crate::context::GpuContext;
 use crate::error::{Error, Result};
 use crate::layout::{Layout, TensorKey, TensorPlacement, TensorSpec};
@@ -106,42 +107,106 @@ impl Region {
         }
     }
 
-    /// Reads elements `first..first + len` as f32 (submits and waits).
-    fn read(&self, ctx: &GpuContext, first: usize, len: usize) -> Result<Vec<f32>> {
+    /// Reads elements `first..first + len` as `T` (submits and waits).
+    fn read<T: Elem>(&self, ctx: &GpuContext, first: usize, len: usize) -> Result<Vec<T>> {
         let at = self.offset + first as u64 * self.elem;
         let bytes = read_bytes(ctx, &self.buffer, at, len as u64 * self.elem)?;
-        Ok(if self.elem == 2 {
-            let halves: Vec<half::f16> = bytemuck::pod_collect_to_vec(&bytes);
-            halves.iter().map(|h| h.to_f32()).collect()
-        } else {
-            bytemuck::pod_collect_to_vec(&bytes)
-        })
+        Ok(T::from_bytes(&bytes, self.elem))
     }
 
-    /// Queues `data` into elements `first..`, rounded to f16 (to nearest) if the
-    /// region holds f16.
-    fn write(&self, queue: &wgpu::Queue, first: usize, data: &[f32]) {
+    /// Queues `data` into elements `first..`, converted to the region's type (rounded
+    /// to nearest where it is narrower).
+    fn write<T: Elem>(&self, queue: &wgpu::Queue, first: usize, data: &[T]) {
         let at = self.offset + first as u64 * self.elem;
-        if self.elem == 2 {
-            let halves: Vec<half::f16> = data.iter().map(|&v| half::f16::from_f32(v)).collect();
-            queue.write_buffer(&self.buffer, at, bytemuck::cast_slice(&halves));
-        } else {
-            queue.write_buffer(&self.buffer, at, bytemuck::cast_slice(data));
+        queue.write_buffer(&self.buffer, at, &T::to_bytes(data, self.elem));
+    }
+}
+
+/// A host element type of the upload and download API (f32 or f64), converted to and
+/// from the storage type of a region: f16 (2 bytes), f32 (4) or f64 (8).
+pub trait Elem: Copy + bytemuck::Pod {
+    /// The value as f64 (exact).
+    fn to_f64(self) -> f64;
+    /// `v` rounded to this type.
+    fn from_f64(v: f64) -> Self;
+
+    /// Elements stored with `elem` bytes each, as `Self`.
+    fn from_bytes(bytes: &[u8], elem: u64) -> Vec<Self> {
+        match elem {
+            2 => bytemuck::pod_collect_to_vec::<u8, half::f16>(bytes)
+                .iter()
+                .map(|h| Self::from_f64(h.to_f64()))
+                .collect(),
+            4 if std::mem::size_of::<Self>() == 4 => bytemuck::pod_collect_to_vec(bytes),
+            4 => bytemuck::pod_collect_to_vec::<u8, f32>(bytes)
+                .iter()
+                .map(|&v| Self::from_f64(f64::from(v)))
+                .collect(),
+            _ if std::mem::size_of::<Self>() == 8 => bytemuck::pod_collect_to_vec(bytes),
+            _ => bytemuck::pod_collect_to_vec::<u8, f64>(bytes)
+                .iter()
+                .map(|&v| Self::from_f64(v))
+                .collect(),
+        }
+    }
+
+    /// `data` as elements of `elem` bytes.
+    fn to_bytes(data: &[Self], elem: u64) -> Vec<u8> {
+        if elem as usize == std::mem::size_of::<Self>() {
+            return bytemuck::cast_slice(data).to_vec();
+        }
+        match elem {
+            2 => {
+                let h: Vec<half::f16> = data
+                    .iter()
+                    .map(|v| half::f16::from_f64(v.to_f64()))
+                    .collect();
+                bytemuck::cast_slice(&h).to_vec()
+            }
+            4 => {
+                let f: Vec<f32> = data.iter().map(|v| v.to_f64() as f32).collect();
+                bytemuck::cast_slice(&f).to_vec()
+            }
+            _ => {
+                let d: Vec<f64> = data.iter().map(|v| v.to_f64()).collect();
+                bytemuck::cast_slice(&d).to_vec()
+            }
         }
     }
 }
 
-/// The scalars slot as read back after a step's first submission.
+impl Elem for f32 {
+    fn to_f64(self) -> f64 {
+        f64::from(self)
+    }
+    fn from_f64(v: f64) -> Self {
+        v as f32
+    }
+}
+
+impl Elem for f64 {
+    fn to_f64(self) -> f64 {
+        self
+    }
+    fn from_f64(v: f64) -> Self {
+        v
+    }
+}
+
+/// The scalars slot as read back after a step's first submission, widened to f64
+/// (exactly: they are of the parameters' precision).
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub(crate) struct Scalars {
     /// The loss the objective wrote (or the host loss written for it).
-    pub loss: f32,
+    pub loss: f64,
     /// The squared gradient norm.
-    pub sqnorm: f32,
-    /// The step size the norm pass computed in f32.
-    pub step: f32,
+    pub sqnorm: f64,
+    /// The step size the norm pass computed.
+    pub step: f64,
     /// What became of the update of this step.
     pub verdict: Verdict,
+    /// Whether they came from f32 storage.
+    single: bool,
 }
 
 /// What the norm pass decided about a step's update (`scalars[3]`).
@@ -156,7 +221,9 @@ pub(crate) enum Verdict {
 }
 
 impl Scalars {
-    fn from_f32(v: &[f32]) -> Self {
+    /// The first four scalars, stored with `real` bytes each.
+    fn from_bytes(bytes: &[u8], real: u64) -> Self {
+        let v: Vec<f64> = f64::from_bytes(&bytes[..4 * real as usize], real);
         Scalars {
             loss: v[0],
             sqnorm: v[1],
@@ -166,9 +233,23 @@ impl Scalars {
                 1.0 => Verdict::Refused,
                 _ => Verdict::Skipped,
             },
+            single: real == 4,
+        }
+    }
+
+    /// jaxopt's `error`: the square root of the squared norm, in its precision.
+    pub fn error(&self) -> f64 {
+        if self.single {
+            f64::from((self.sqnorm as f32).sqrt())
+        } else {
+            self.sqnorm.sqrt()
         }
     }
 }
+
+/// Scalars in the slot (see `norm_final.wgsl`): loss, squared norm, step, verdict,
+/// halted, halts, stop threshold, momentum, max_stepsize, delta, fun_min, spare.
+const SCALARS: u64 = 12;
 
 /// Where an objective that computes the squared gradient norm itself writes it: `count`
 /// partial sums, summed in order by the norm's final pass. Before each evaluation the
@@ -213,6 +294,8 @@ pub struct ParamBuffers {
     map_result: Arc<Mutex<Option<bool>>>,
     /// The squared-norm partials the objective writes, when it computes the norm.
     pub(crate) objective_norm: Option<ObjectiveNorm>,
+    /// Bytes per parameter, gradient and scalar: 4 (f32) or 8 (f64).
+    real: u64,
     /// A recorded update not yet submitted (deferred updates): it goes out with the
     /// next submission, or alone on [`ParamBuffers::flush`].
     pending: Mutex<Option<wgpu::CommandBuffer>>,
@@ -221,7 +304,7 @@ pub struct ParamBuffers {
 /// Bytes of vectors the optimizer allocates for `layout`: parameters and gradients of
 /// the segments it owns, and a velocity of `velocity_bytes` per element (0: none)
 /// for every segment.
-pub(crate) fn vector_bytes(layout: &Layout, velocity_bytes: u64) -> u64 {
+pub(crate) fn vector_bytes(layout: &Layout, real_bytes: u64, velocity_bytes: u64) -> u64 {
     let mut external = vec![false; layout.segment_lens().len()];
     for t in layout.tensors().iter().filter(|t| t.external) {
         for p in &t.parts {
@@ -232,16 +315,16 @@ pub(crate) fn vector_bytes(layout: &Layout, velocity_bytes: u64) -> u64 {
         .segment_lens()
         .iter()
         .zip(external)
-        .map(|(&len, ext)| len as u64 * (8 * u64::from(!ext) + velocity_bytes))
+        .map(|(&len, ext)| len as u64 * (2 * real_bytes * u64::from(!ext) + velocity_bytes))
         .sum()
 }
 
-/// The most f32 elements one segment may hold on this device.
-pub(crate) fn device_segment_capacity(limits: &wgpu::Limits) -> usize {
+/// The most elements of `real_bytes` one segment may hold on this device.
+pub(crate) fn device_segment_capacity(limits: &wgpu::Limits, real_bytes: u64) -> usize {
     let bytes = limits
         .max_storage_buffer_binding_size
         .min(limits.max_buffer_size);
-    (bytes / 4) as usize
+    (bytes / real_bytes) as usize
 }
 
 impl ParamBuffers {
@@ -251,6 +334,7 @@ impl ParamBuffers {
     pub(crate) fn new(
         ctx: &GpuContext,
         layout: Layout,
+        real_bytes: u64,
         velocity_bytes: u64,
         external: &[ExternalTensor],
         readback_slots: usize,
@@ -268,9 +352,9 @@ impl ParamBuffers {
             })
         };
         let own = |len: usize| Region {
-            buffer: storage("polyak vector", len as u64 * 4),
+            buffer: storage("polyak vector", len as u64 * real_bytes),
             offset: 0,
-            elem: 4,
+            elem: real_bytes,
         };
         // Which user region each external segment starts at.
         let mut user: Vec<Option<(Region, Region)>> = vec![None; layout.segment_lens().len()];
@@ -309,21 +393,24 @@ impl ParamBuffers {
                 }
             })
             .collect();
-        let scalars = storage("polyak scalars", 32);
+        let scalars = storage("polyak scalars", SCALARS * real_bytes);
         let staging = device.create_buffer(&wgpu::BufferDescriptor {
             label: Some("polyak scalars readback"),
-            size: 16 * readback_slots.max(1) as u64,
+            size: 4 * real_bytes * readback_slots.max(1) as u64,
             usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
             mapped_at_creation: false,
         });
         let objective_norm = objective_partials.map(|count| {
             let unwritten = device.create_buffer_init(&wgpu::util::BufferInitDescriptor {
                 label: Some("polyak objective norm: NaN"),
-                contents: bytemuck::cast_slice(&vec![f32::NAN; count as usize]),
+                contents: &f64::to_bytes(&vec![f64::NAN; count as usize], real_bytes),
                 usage: wgpu::BufferUsages::COPY_SRC,
             });
             ObjectiveNorm {
-                partials: storage("polyak objective norm partials", u64::from(count) * 4),
+                partials: storage(
+                    "polyak objective norm partials",
+                    u64::from(count) * real_bytes,
+                ),
                 unwritten,
                 count,
             }
@@ -335,9 +422,15 @@ impl ParamBuffers {
             scalars,
             staging,
             objective_norm,
+            real: real_bytes,
             map_result: Arc::new(Mutex::new(None)),
             pending: Mutex::new(None),
         }
+    }
+
+    /// Bytes per parameter, gradient and scalar: 4 (f32) or 8 (f64).
+    pub(crate) fn real_bytes(&self) -> u64 {
+        self.real
     }
 
     /// Submits a deferred update, if one is waiting, so that work submitted next
@@ -385,7 +478,7 @@ impl ParamBuffers {
     /// few-KiB scratch of the norm are not counted).
     pub fn device_bytes(&self) -> u64 {
         let velocity = self.segments.first().and_then(|s| s.velocity.as_ref());
-        vector_bytes(&self.layout, velocity.map_or(0, |v| v.elem))
+        vector_bytes(&self.layout, self.real, velocity.map_or(0, |v| v.elem))
     }
 
     /// Bytes of the scalars slot and its readback buffer, and of the objective's
@@ -418,19 +511,19 @@ impl ParamBuffers {
         }
     }
 
-    /// The 4-byte slot the objective's kernel writes the loss into (`f32`), for
-    /// [`crate::Loss::Device`].
+    /// The slot the objective's kernel writes the loss into (one `f32`, or one `f64`
+    /// with f64 parameters), for [`crate::Loss::Device`].
     pub fn loss_binding(&self) -> wgpu::BufferBinding<'_> {
         wgpu::BufferBinding {
             buffer: &self.scalars,
             offset: 0,
-            size: wgpu::BufferSize::new(4),
+            size: wgpu::BufferSize::new(self.real),
         }
     }
 
-    /// The 32-byte buffer holding the loss at offset 0 as f32 (for copying a loss
-    /// computed elsewhere there), then the optimizer's own scalars (squared norm,
-    /// step size, verdict, halt state).
+    /// The buffer holding the loss at offset 0 (f32, or f64 with f64 parameters; for
+    /// copying a loss computed elsewhere there), then the optimizer's own scalars
+    /// (squared norm, step size, verdict, halt state, options).
     pub fn scalars_buffer(&self) -> &wgpu::Buffer {
         &self.scalars
     }
@@ -476,10 +569,10 @@ impl ParamBuffers {
         Ok(())
     }
 
-    fn write_tensor(
+    fn write_tensor<T: Elem>(
         &self,
         t: &TensorPlacement,
-        data: &[f32],
+        data: &[T],
         pick: impl Fn(&Segment) -> Option<&Region>,
     ) -> Result<()> {
         self.flush(); // a deferred update must not land after this write
@@ -492,20 +585,20 @@ impl ParamBuffers {
         Ok(())
     }
 
-    fn read_tensor(
+    fn read_tensor<T: Elem>(
         &self,
         t: &TensorPlacement,
         pick: impl Fn(&Segment) -> Option<&Region>,
-    ) -> Result<Vec<f32>> {
+    ) -> Result<Vec<T>> {
         self.flush();
         let mut out = Vec::with_capacity(t.spec.len());
         for p in &t.parts {
             match pick(&self.segments[p.segment]) {
                 Some(r) => {
                     needs(&r.buffer, wgpu::BufferUsages::COPY_SRC, &t.spec.name)?;
-                    out.extend(r.read(&self.ctx, p.offset, p.len)?);
+                    out.extend(r.read::<T>(&self.ctx, p.offset, p.len)?);
                 }
-                None => out.extend(std::iter::repeat_n(0.0, p.len)),
+                None => out.extend(std::iter::repeat_n(T::from_f64(0.0), p.len)),
             }
         }
         Ok(out)
@@ -538,15 +631,57 @@ impl ParamBuffers {
         self.upload_flat(data, "velocity", |s| s.velocity.as_ref())
     }
 
-    /// Uploads one tensor's velocity (checkpoints).
-    pub(crate) fn upload_tensor_velocity(&self, t: &TensorPlacement, data: &[f32]) -> Result<()> {
+    /// Uploads one tensor's parameters or velocity (checkpoints).
+    pub(crate) fn upload_placed<T: Elem>(
+        &self,
+        t: &TensorPlacement,
+        velocity: bool,
+        data: &[T],
+    ) -> Result<()> {
         Self::check_len(&t.spec.name, t.spec.len(), data.len())?;
-        self.write_tensor(t, data, |s| s.velocity.as_ref())
+        if velocity {
+            self.write_tensor(t, data, |s| s.velocity.as_ref())
+        } else {
+            self.write_tensor(t, data, |s| Some(&s.params))
+        }
     }
 
-    /// Downloads one tensor's velocity (checkpoints; zeros without momentum).
-    pub(crate) fn download_tensor_velocity(&self, t: &TensorPlacement) -> Result<Vec<f32>> {
-        self.read_tensor(t, |s| s.velocity.as_ref())
+    /// Downloads one tensor's parameters or velocity (checkpoints; a velocity is
+    /// zeros without momentum).
+    pub(crate) fn download_placed<T: Elem>(
+        &self,
+        t: &TensorPlacement,
+        velocity: bool,
+    ) -> Result<Vec<T>> {
+        if velocity {
+            self.read_tensor(t, |s| s.velocity.as_ref())
+        } else {
+            self.read_tensor(t, |s| Some(&s.params))
+        }
+    }
+
+    /// [`ParamBuffers::upload_params`] from f64 (exact for f64 parameters, rounded to
+    /// f32 otherwise).
+    pub fn upload_params_f64(&self, data: &[f64]) -> Result<()> {
+        self.upload_flat(data, "parameters", |s| Some(&s.params))
+    }
+
+    /// [`ParamBuffers::upload_grads`] from f64.
+    pub fn upload_grads_f64(&self, data: &[f64]) -> Result<()> {
+        self.upload_flat(data, "gradient", |s| Some(&s.grads))
+    }
+
+    /// [`ParamBuffers::download_params`] as f64 (exact whatever the precision).
+    pub fn download_params_f64(&self) -> Result<Vec<f64>> {
+        self.download_flat(|s| Some(&s.params))
+    }
+
+    /// [`ParamBuffers::download_velocity`] as f64.
+    pub fn download_velocity_f64(&self) -> Result<Option<Vec<f64>>> {
+        if !self.has_velocity() {
+            return Ok(None);
+        }
+        self.download_flat(|s| s.velocity.as_ref()).map(Some)
     }
 
     /// Uploads the whole gradient, tensors concatenated in layout order (the host
@@ -555,9 +690,9 @@ impl ParamBuffers {
         self.upload_flat(data, "gradient", |s| Some(&s.grads))
     }
 
-    fn upload_flat(
+    fn upload_flat<T: Elem>(
         &self,
-        data: &[f32],
+        data: &[T],
         what: &str,
         pick: impl Fn(&Segment) -> Option<&Region> + Copy,
     ) -> Result<()> {
@@ -591,7 +726,7 @@ impl ParamBuffers {
 
     /// Downloads a whole vector with one copy per segment (not one per tensor piece,
     /// which would be hundreds of round trips for a many-tensor model).
-    fn download_flat(&self, pick: impl Fn(&Segment) -> Option<&Region>) -> Result<Vec<f32>> {
+    fn download_flat<T: Elem>(&self, pick: impl Fn(&Segment) -> Option<&Region>) -> Result<Vec<T>> {
         self.flush();
         let mut segments = Vec::with_capacity(self.segments.len());
         for (i, s) in self.segments.iter().enumerate() {
@@ -616,7 +751,7 @@ impl ParamBuffers {
         for p in self.layout.tensors().iter().flat_map(|t| &t.parts) {
             match &segments[p.segment] {
                 Some(v) => out.extend_from_slice(&v[p.offset..p.offset + p.len]),
-                None => out.extend(std::iter::repeat_n(0.0, p.len)),
+                None => out.extend(std::iter::repeat_n(T::from_f64(0.0), p.len)),
             }
         }
         Ok(out)
@@ -631,16 +766,22 @@ impl ParamBuffers {
         }
     }
 
+    /// Bytes of one readback slot: loss, squared norm, step and verdict.
+    fn slot_bytes(&self) -> u64 {
+        4 * self.real
+    }
+
     /// Records the copy of loss, squared norm, step and verdict into readback slot
     /// `slot`.
     pub(crate) fn encode_scalars_readback(&self, encoder: &mut wgpu::CommandEncoder, slot: usize) {
-        encoder.copy_buffer_to_buffer(&self.scalars, 0, &self.staging, 16 * slot as u64, 16);
+        let size = self.slot_bytes();
+        encoder.copy_buffer_to_buffer(&self.scalars, 0, &self.staging, size * slot as u64, size);
     }
 
     /// Waits for the submitted readback copy of slot 0. Allocates nothing of its own.
     pub(crate) fn read_scalars(&self) -> Result<Scalars> {
         read_mapped(&self.ctx, &self.staging, &self.map_result, |bytes| {
-            Scalars::from_f32(bytemuck::cast_slice(&bytes[..16]))
+            Scalars::from_bytes(bytes, self.real)
         })
     }
 
@@ -648,43 +789,62 @@ impl ParamBuffers {
     /// slots in `out` (whose capacity is reused).
     pub(crate) fn read_slots(&self, count: usize, out: &mut Vec<Scalars>) -> Result<()> {
         out.clear();
+        let size = self.slot_bytes() as usize;
         read_mapped(&self.ctx, &self.staging, &self.map_result, |bytes| {
-            let v: &[f32] = bytemuck::cast_slice(bytes);
-            out.extend(v.chunks_exact(4).take(count).map(Scalars::from_f32));
+            out.extend(
+                bytes
+                    .chunks_exact(size)
+                    .take(count)
+                    .map(|b| Scalars::from_bytes(b, self.real)),
+            );
         })
+    }
+
+    /// Queues `values` into the scalars from index `first` on, in the parameters'
+    /// precision (applied before the next submission's commands).
+    fn write_scalars(&self, first: u64, values: &[f64]) {
+        self.ctx.queue().write_buffer(
+            &self.scalars,
+            first * self.real,
+            &f64::to_bytes(values, self.real),
+        );
+    }
+
+    /// Queues the options the kernels read from the scalars: momentum,
+    /// max_stepsize, delta and fun_min (once, at build).
+    pub(crate) fn write_options(&self, config: &PolyakConfig) {
+        let options = [
+            config.momentum,
+            config.max_stepsize,
+            config.delta,
+            config.fun_min,
+        ];
+        self.write_scalars(7, &options);
     }
 
     /// Queues what halts a pipelined run for the next submissions: `halts` = 0.0
     /// (nothing), 1.0 (a refusal) or 2.0 (a refusal or `sqnorm <= threshold`), with the
     /// halted flag cleared.
-    pub(crate) fn write_halt(&self, halts: f32, threshold: f32) {
-        self.ctx.queue().write_buffer(
-            &self.scalars,
-            16,
-            bytemuck::cast_slice(&[0.0, halts, threshold, 0.0]),
-        );
+    pub(crate) fn write_halt(&self, halts: f64, threshold: f64) {
+        self.write_scalars(4, &[0.0, halts, threshold]);
     }
 
     /// Records a clear of the refusal flag, so the next update runs whatever the
     /// norm pass decided (benchmarks only).
     pub(crate) fn clear_refusal(&self, encoder: &mut wgpu::CommandEncoder) {
-        encoder.clear_buffer(&self.scalars, 12, Some(4));
+        encoder.clear_buffer(&self.scalars, 3 * self.real, Some(self.real));
     }
 
     /// Queues a loss computed on the host into the loss slot (applied before the
     /// next submission's commands).
-    pub(crate) fn write_loss(&self, loss: f32) {
-        self.ctx
-            .queue()
-            .write_buffer(&self.scalars, 0, bytemuck::bytes_of(&loss));
+    pub(crate) fn write_loss(&self, loss: f64) {
+        self.write_scalars(0, &[loss]);
     }
 
     /// Queues a step size computed on the host for the next update, replacing the
     /// one the norm pass wrote, and clears the refusal (the host already checked).
-    pub(crate) fn write_step(&self, step: f32) {
-        self.ctx
-            .queue()
-            .write_buffer(&self.scalars, 8, bytemuck::cast_slice(&[step, 0.0]));
+    pub(crate) fn write_step(&self, step: f64) {
+        self.write_scalars(2, &[step, 0.0]);
     }
 }
 

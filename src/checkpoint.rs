@@ -1,11 +1,11 @@
 //! Checkpoints: the parameters, the velocity and the state in one safetensors file,
 //! written atomically and read back bit for bit.
 //!
-//! Tensors are stored as `params/<name>` and `velocity/<name>` (F32, or F16 for an
-//! f16 velocity; the tensor's shape); the state goes in the header's metadata, its floats as their exact bits.
+//! Tensors are stored as `params/<name>` and `velocity/<name>` in the optimizer's own
+//! types (F32, F64, or F16 for an f16 velocity; the tensor's shape); the state goes in the header's metadata, its floats as their exact bits.
 //! The gradient is not stored: the next update evaluates the objective again.
 
-use crate::config::VelocityDtype;
+use crate::buffers::Elem;
 use crate::error::{Error, Result};
 use crate::layout::TensorPlacement;
 use crate::solver::PolyakSgd;
@@ -31,7 +31,11 @@ struct Lazy<'a> {
 
 impl View for Lazy<'_> {
     fn dtype(&self) -> Dtype {
-        if self.half() { Dtype::F16 } else { Dtype::F32 }
+        match self.elem() {
+            2 => Dtype::F16,
+            8 => Dtype::F64,
+            _ => Dtype::F32,
+        }
     }
 
     fn shape(&self) -> &[usize] {
@@ -39,19 +43,13 @@ impl View for Lazy<'_> {
     }
 
     fn data(&self) -> Cow<'_, [u8]> {
-        let buffers = self.opt.buffers();
-        let got = if self.velocity {
-            buffers.download_tensor_velocity(self.tensor)
-        } else {
-            buffers.download_tensor(self.tensor.spec.name.as_str())
-        };
+        // Downloaded as f64 (exact) and stored in the optimizer's own type (exact).
+        let got = self
+            .opt
+            .buffers()
+            .download_placed::<f64>(self.tensor, self.velocity);
         match got {
-            // An f16 velocity downloads as f32 exactly and goes back to f16 exactly.
-            Ok(v) if self.half() => {
-                let h: Vec<half::f16> = v.iter().map(|&x| half::f16::from_f32(x)).collect();
-                Cow::Owned(bytemuck::cast_slice(&h).to_vec())
-            }
-            Ok(v) => Cow::Owned(bytemuck::cast_slice(&v).to_vec()),
+            Ok(v) => Cow::Owned(f64::to_bytes(&v, self.elem())),
             Err(e) => {
                 self.failed.borrow_mut().get_or_insert(e);
                 Cow::Owned(vec![0; self.data_len()])
@@ -60,14 +58,29 @@ impl View for Lazy<'_> {
     }
 
     fn data_len(&self) -> usize {
-        self.tensor.spec.len() * if self.half() { 2 } else { 4 }
+        self.tensor.spec.len() * self.elem() as usize
     }
 }
 
 impl Lazy<'_> {
-    /// Whether this is an f16 velocity (stored as F16, bit for bit).
-    fn half(&self) -> bool {
-        self.velocity && self.opt.config().velocity_dtype == VelocityDtype::F16
+    /// Bytes per element as the optimizer stores this vector.
+    fn elem(&self) -> u64 {
+        let config = self.opt.config();
+        if self.velocity {
+            config.velocity_bytes()
+        } else {
+            config.dtype.bytes()
+        }
+    }
+}
+
+/// Bytes per element of a float dtype the checkpoints hold.
+fn dtype_bytes(dtype: Dtype) -> Option<u64> {
+    match dtype {
+        Dtype::F16 => Some(2),
+        Dtype::F32 => Some(4),
+        Dtype::F64 => Some(8),
+        _ => None,
     }
 }
 
@@ -234,20 +247,22 @@ impl PolyakSgd {
                     ),
                 )
             })?;
-            // A velocity may be F16 (an f16 velocity's, or to be rounded into one).
-            let dtype_ok = view.dtype() == Dtype::F32 || (*velocity && view.dtype() == Dtype::F16);
-            if !dtype_ok || view.shape() != t.spec.shape.as_slice() {
+            // Any float dtype converts to the optimizer's (exactly from its own).
+            let Some(bytes) = dtype_bytes(view.dtype()) else {
+                return Err(io(path, format!("tensor {key:?} is {:?}", view.dtype())));
+            };
+            if view.shape() != t.spec.shape.as_slice() {
                 return Err(io(
                     path,
                     format!(
-                        "tensor {key:?} is {:?} {:?}, the optimizer's is F32 {:?}",
+                        "tensor {key:?} is {:?} {:?}, the optimizer's is {:?}",
                         view.dtype(),
                         view.shape(),
                         t.spec.shape
                     ),
                 ));
             }
-            found.push((*t, *velocity, view.dtype(), view.data()));
+            found.push((*t, *velocity, bytes, view.data()));
         }
         if file.len() != wanted.len() {
             let extra: Vec<_> = file
@@ -261,20 +276,10 @@ impl PolyakSgd {
             ));
         }
 
-        for (t, velocity, dtype, data) in found {
-            // The file's bytes need not be aligned for f32.
-            let values: Vec<f32> = if dtype == Dtype::F16 {
-                let h: Vec<half::f16> = bytemuck::pod_collect_to_vec(data);
-                h.iter().map(|x| x.to_f32()).collect()
-            } else {
-                bytemuck::pod_collect_to_vec(data)
-            };
-            if velocity {
-                self.buffers().upload_tensor_velocity(t, &values)?;
-            } else {
-                self.buffers()
-                    .upload_tensor(t.spec.name.as_str(), &values)?;
-            }
+        for (t, velocity, bytes, data) in found {
+            // The file's bytes need not be aligned for their type.
+            let values = f64::from_bytes(data, bytes);
+            self.buffers().upload_placed(t, velocity, &values)?;
         }
         Ok(state)
     }

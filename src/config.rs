@@ -1,6 +1,7 @@
 //! Solver options, named as in `jaxopt.PolyakSGD`.
 
 use crate::error::{Error, Result};
+use crate::stepsize::Precision;
 use std::fmt;
 use std::str::FromStr;
 
@@ -76,13 +77,47 @@ pub enum StepSizeMode {
     Device,
 }
 
+/// The precision of the parameters, the gradient, the velocity and the step-size
+/// arithmetic on the GPU. Not a jaxopt option (jaxopt follows the parameters' dtype).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum ParamDtype {
+    /// f32: jaxopt's float32 path. The default.
+    #[default]
+    F32,
+    /// f64: jaxopt's float64 path (`jax_enable_x64`), on adapters with the
+    /// `SHADER_F64` feature ([`crate::GpuContext::new`] asks for it where the adapter
+    /// has it). Twice the memory and traffic of f32; GPUs other than data-center
+    /// ones run f64 arithmetic slowly, but a step is memory-bound. Use the `_f64`
+    /// upload and download methods to move values exactly; objectives write f64
+    /// gradients and an f64 loss.
+    F64,
+}
+
+impl ParamDtype {
+    /// Bytes per element.
+    pub fn bytes(self) -> u64 {
+        match self {
+            ParamDtype::F32 => 4,
+            ParamDtype::F64 => 8,
+        }
+    }
+
+    /// The matching [`Precision`] of the CPU rule (and of SPS+'s eps).
+    pub fn precision(self) -> Precision {
+        match self {
+            ParamDtype::F32 => Precision::F32,
+            ParamDtype::F64 => Precision::F64,
+        }
+    }
+}
+
 /// How the velocity is stored (momentum only). Not a jaxopt option.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum VelocityDtype {
-    /// f32, like the parameters: 24 bytes of traffic per parameter and step. The
-    /// default.
+    /// The parameters' precision (f32, or f64 with [`ParamDtype::F64`]): with f32, 24
+    /// bytes of traffic per parameter and step. The default.
     #[default]
-    F32,
+    Full,
     /// f16 (IEEE half, rounded to nearest): 2 bytes less memory and 4 bytes less
     /// traffic per parameter (20 per step). The update still computes in f32 and adds
     /// the unrounded velocity to the parameters; only the stored velocity is rounded,
@@ -93,10 +128,10 @@ pub enum VelocityDtype {
 }
 
 impl VelocityDtype {
-    /// Bytes per element.
-    pub fn bytes(self) -> u64 {
+    /// Bytes per element next to parameters of `params`.
+    pub fn bytes(self, params: ParamDtype) -> u64 {
         match self {
-            VelocityDtype::F32 => 4,
+            VelocityDtype::Full => params.bytes(),
             VelocityDtype::F16 => 2,
         }
     }
@@ -145,8 +180,10 @@ pub struct PolyakConfig {
     /// kernels run, their gradients are ignored) and `run_iterator` may take as many
     /// batches more from its iterator. Ignored when a `pre_update` hook is set.
     pub sync_every: usize,
-    /// How the velocity is stored. Default f32.
+    /// How the velocity is stored. Default: like the parameters.
     pub velocity_dtype: VelocityDtype,
+    /// The precision of parameters, gradients and the GPU's arithmetic. Default f32.
+    pub dtype: ParamDtype,
 }
 
 impl Default for PolyakConfig {
@@ -163,7 +200,8 @@ impl Default for PolyakConfig {
             nonfinite: NonFinitePolicy::Refuse,
             stepsize_mode: StepSizeMode::Host,
             sync_every: 1,
-            velocity_dtype: VelocityDtype::F32,
+            velocity_dtype: VelocityDtype::Full,
+            dtype: ParamDtype::F32,
         }
     }
 }
@@ -235,12 +273,19 @@ impl PolyakConfig {
         self
     }
 
+    /// Sets the precision of parameters, gradients and the GPU's arithmetic (not a
+    /// jaxopt option; see [`ParamDtype`]).
+    pub fn dtype(mut self, v: ParamDtype) -> Self {
+        self.dtype = v;
+        self
+    }
+
     /// Bytes per velocity element the optimizer allocates: 0 without momentum.
     pub(crate) fn velocity_bytes(&self) -> u64 {
         if self.momentum == 0.0 {
             0
         } else {
-            self.velocity_dtype.bytes()
+            self.velocity_dtype.bytes(self.dtype)
         }
     }
 
@@ -267,6 +312,13 @@ impl PolyakConfig {
         }
         if self.tol.is_nan() {
             return bad("tol", self.tol, "must not be NaN");
+        }
+        if self.dtype == ParamDtype::F64 && self.velocity_dtype == VelocityDtype::F16 {
+            return bad(
+                "velocity_dtype",
+                16.0,
+                "an f16 velocity goes with f32 parameters only",
+            );
         }
         if self.sync_every == 0 {
             return bad("sync_every", 0.0, "must be at least 1");

@@ -81,9 +81,12 @@ impl GpuContext {
             .request_device(&wgpu::DeviceDescriptor {
                 label: Some("polyak-gpu"),
                 // Timestamps serve the phase timings of benchmarks, f16 an f16
-                // velocity; both are free to ask for where the adapter has them.
+                // velocity, f64 f64 parameters; all are free to ask for where the
+                // adapter has them.
                 required_features: adapter.features()
-                    & (wgpu::Features::TIMESTAMP_QUERY | wgpu::Features::SHADER_F16),
+                    & (wgpu::Features::TIMESTAMP_QUERY
+                        | wgpu::Features::SHADER_F16
+                        | wgpu::Features::SHADER_F64),
                 required_limits: adapter.limits(),
                 ..Default::default()
             })

@@ -46,4 +46,14 @@ impl<'a> Evaluation<'a> {
     pub fn write_grads(&self, grads: &[f32]) -> Result<()> {
         self.buffers.upload_grads(grads)
     }
+
+    /// Host path in f64 (exact with [`crate::ParamDtype::F64`]): the parameters.
+    pub fn read_params_f64(&self) -> Result<Vec<f64>> {
+        self.buffers.download_params_f64()
+    }
+
+    /// Host path in f64: sets the whole gradient.
+    pub fn write_grads_f64(&self, grads: &[f64]) -> Result<()> {
+        self.buffers.upload_grads_f64(grads)
+    }
 }

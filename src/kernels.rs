@@ -59,18 +59,15 @@ pub(crate) fn grid(groups: u32) -> (u32, u32) {
     (x, groups.div_ceil(x))
 }
 
-/// Mirrors `Rule` in `norm_final.wgsl`: the partial count and the step-size options.
+/// Mirrors `Rule` in `norm_final.wgsl`: the partial count, the variant and the
+/// non-finite policy (the real-valued options live in the scalars slot).
 #[repr(C)]
 #[derive(Debug, Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]
 struct RuleUniform {
     n: u32,
     variant: u32,
     refuse: u32,
-    pad0: u32,
-    max_stepsize: f32,
-    delta: f32,
-    fun_min: f32,
-    pad1: f32,
+    pad: u32,
 }
 
 impl RuleUniform {
@@ -86,11 +83,7 @@ impl RuleUniform {
                 NonFinitePolicy::Refuse => 1,
                 NonFinitePolicy::Skip => 2,
             },
-            pad0: 0,
-            max_stepsize: config.max_stepsize as f32,
-            delta: config.delta as f32,
-            fun_min: config.fun_min as f32,
-            pad1: 0.0,
+            pad: 0,
         }
     }
 }
@@ -140,14 +133,53 @@ pub(crate) fn module(
         })
 }
 
-/// `update.wgsl` with the velocity's storage type defined in front of it.
-fn update_source(velocity_bytes: u64) -> String {
-    let prelude = if velocity_bytes == 2 {
-        "enable f16;\nalias velocity4 = vec4<f16>;\n"
+/// What the kernels' precision prelude defines for f32 parameters: `real`, `real4`,
+/// jnp's float32 eps, and NaN / infinity by bits (WGSL lets a compiler assume
+/// arithmetic never meets them, so these do not compare floats; a constant NaN or
+/// infinity is a shader-creation error, so they are made at run time).
+const PRELUDE_F32: &str = "\
+alias real = f32;
+alias real4 = vec4<f32>;
+const EPS: real = 1.1920929e-7;
+fn is_nan(x: real) -> bool { return (bitcast<u32>(x) & 0x7fffffffu) > 0x7f800000u; }
+fn is_finite(x: real) -> bool { return (bitcast<u32>(x) & 0x7f800000u) != 0x7f800000u; }
+fn nan() -> real { var bits = 0x7fc00000u; return bitcast<f32>(bits); }
+fn inf_with_sign_of(x: real) -> real {
+    var bits = 0x7f800000u;
+    return bitcast<f32>(bits | (bitcast<u32>(x) & 0x80000000u));
+}
+";
+
+/// The same for f64 parameters (`SHADER_F64`). WGSL has no bitcast from f64 to
+/// integers that every adapter takes, so these use IEEE comparisons, which Vulkan
+/// keeps for f64 (no fast-math flags are emitted).
+const PRELUDE_F64: &str = "\
+alias real = f64;
+alias real4 = vec4<f64>;
+const EPS: real = 2.220446049250313e-16;
+fn is_nan(x: real) -> bool { return !(x == x); }
+fn is_finite(x: real) -> bool { return (x - x) == real(0.0); }
+fn nan() -> real { var zero = real(0.0); return zero / zero; }
+fn inf_with_sign_of(x: real) -> real {
+    var zero = real(0.0);
+    return select(real(-1.0), real(1.0), x > real(0.0)) / zero;
+}
+";
+
+/// `source` with the precision prelude in front: `real` of `real_bytes` (4 or 8),
+/// and `velocity4` for a velocity of `velocity_bytes` per element (2: f16).
+fn with_prelude(source: &str, real_bytes: u64, velocity_bytes: u64) -> String {
+    let (enable, velocity) = if velocity_bytes == 2 {
+        ("enable f16;\n", "vec4<f16>")
     } else {
-        "alias velocity4 = vec4<f32>;\n"
+        ("", "real4")
     };
-    format!("{prelude}{}", include_str!("../shaders/update.wgsl"))
+    let prelude = if real_bytes == 8 {
+        PRELUDE_F64
+    } else {
+        PRELUDE_F32
+    };
+    format!("{enable}{prelude}alias velocity4 = {velocity};\n{source}")
 }
 
 pub(crate) fn uniform<T: bytemuck::Pod>(ctx: &GpuContext, value: &T) -> wgpu::Buffer {
@@ -199,36 +231,41 @@ impl Kernels {
         config: &PolyakConfig,
         geometries: Vec<Geometry>,
     ) -> Self {
+        let source = |text| with_prelude(text, bufs.real_bytes(), config.velocity_bytes());
         let norm_mod = module(
             ctx,
             "norm_partials",
-            include_str!("../shaders/norm_partials.wgsl"),
+            source(include_str!("../shaders/norm_partials.wgsl")),
         );
         let final_mod = module(
             ctx,
             "norm_final",
-            include_str!("../shaders/norm_final.wgsl"),
+            source(include_str!("../shaders/norm_final.wgsl")),
         );
-        let update_mod = module(ctx, "update", update_source(config.velocity_bytes()));
+        let update_mod = module(
+            ctx,
+            "update",
+            source(include_str!("../shaders/update.wgsl")),
+        );
         let constants = ctx.kernel_constants();
         let norm_pipeline = pipeline(ctx, &norm_mod, "main", &constants);
         let final_pipeline = pipeline(ctx, &final_mod, "main", &[]);
-        let update_pipeline = if bufs.has_velocity() {
-            let mut with_momentum = constants.to_vec();
-            with_momentum.push(("MOMENTUM", config.momentum));
-            pipeline(ctx, &update_mod, "momentum", &with_momentum)
+        let entry = if bufs.has_velocity() {
+            "momentum"
         } else {
-            pipeline(ctx, &update_mod, "plain", &constants)
+            "plain"
         };
+        let update_pipeline = pipeline(ctx, &update_mod, entry, &constants);
+        bufs.write_options(config);
 
         // The final pass sums our per-workgroup partials, or the objective's own.
         let ours: u32 = geometries.iter().map(|g| g.groups).sum();
         let partials = ctx.device().create_buffer(&wgpu::BufferDescriptor {
             label: Some("polyak norm partials"),
             size: if bufs.objective_norm.is_some() {
-                4
+                bufs.real_bytes()
             } else {
-                u64::from(ours) * 4
+                u64::from(ours) * bufs.real_bytes()
             },
             usage: wgpu::BufferUsages::STORAGE,
             mapped_at_creation: false,
@@ -374,16 +411,17 @@ mod tests {
     /// the 2-D dispatch path of both kernels runs on any adapter.
     #[test]
     fn two_dimensional_dispatch_norm_and_update() {
-        use crate::config::VelocityDtype;
+        use crate::config::{ParamDtype, VelocityDtype};
         use crate::conformance::SplitMix64;
         use crate::layout::{Layout, TensorSpec};
         let ctx = GpuContext::software()
             .or_else(|_| GpuContext::new())
             .expect("an adapter");
-        for dtype in [VelocityDtype::F32, VelocityDtype::F16] {
+        for dtype in [VelocityDtype::Full, VelocityDtype::F16] {
             let n = 4 * 70_001 - 3;
             let layout = Layout::new(&[TensorSpec::new("p", &[n])], 8, 1 << 30).unwrap();
-            let bufs = ParamBuffers::new(&ctx, layout, dtype.bytes(), &[], 1, None);
+            let bufs =
+                ParamBuffers::new(&ctx, layout, 4, dtype.bytes(ParamDtype::F32), &[], 1, None);
             let n4 = (bufs.segments[0].len / 4) as u32;
             let geo = Geometry {
                 n4,
@@ -412,13 +450,13 @@ mod tests {
             ctx.queue().submit([enc.finish()]);
             let s = bufs.read_scalars().unwrap();
             let exact: f64 = g.iter().map(|&x| f64::from(x) * f64::from(x)).sum();
-            assert!(
-                (f64::from(s.sqnorm) - exact).abs() <= 1e-5 * exact,
-                "{s:?} vs {exact}"
-            );
+            assert!((s.sqnorm - exact).abs() <= 1e-5 * exact, "{s:?} vs {exact}");
             // The rule's step, in f32 on the GPU: 1000 / sqnorm (below the cap of 100).
             let want = 1000.0 / s.sqnorm;
-            assert!((s.step - want).abs() <= 4.0 * f32::EPSILON * want, "{s:?}");
+            assert!(
+                (s.step - want).abs() <= 4.0 * f64::from(f32::EPSILON) * want,
+                "{s:?}"
+            );
             assert_eq!(s.verdict, crate::buffers::Verdict::Applied);
 
             bufs.write_step(0.25);
@@ -431,7 +469,7 @@ mod tests {
                 let v = -0.25 * g[i];
                 // an f16 velocity is stored rounded; the parameters get it unrounded
                 let stored = match dtype {
-                    VelocityDtype::F32 => v,
+                    VelocityDtype::Full => v,
                     VelocityDtype::F16 => half::f16::from_f32(v).to_f32(),
                 };
                 assert_eq!(vel[i], stored, "{dtype:?} velocity at {i}");

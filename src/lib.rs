@@ -15,8 +15,9 @@
 //! - [`PolyakSgd`]: `init_state`, `update`, `run`, `run_iterator`,
 //!   `l2_optimality_error`; `save_checkpoint` / `load_checkpoint`.
 //! - Options beyond jaxopt's: [`StepSizeMode`], `sync_every` (pipelined runs),
-//!   [`NonFinitePolicy`], and [`PolyakSgdBuilder::norm_from_objective`] for a
-//!   gradient kernel that computes the norm itself.
+//!   [`NonFinitePolicy`], [`ParamDtype`] (f32 or f64), [`VelocityDtype`] (f16
+//!   velocity), and [`PolyakSgdBuilder::norm_from_objective`] for a gradient kernel
+//!   that computes the norm itself.
 //! - [`reference::CpuPolyakSgd`]: the same algorithm in f64 on the CPU, for tests and
 //!   as a baseline; never used as a fallback.
 //! - [`conformance`]: replays jaxopt's recorded trajectories.
@@ -40,7 +41,7 @@ pub mod state;
 pub mod stepsize;
 
 pub use buffers::{ExternalTensor, ParamBuffers};
-pub use config::{NonFinitePolicy, PolyakConfig, StepSizeMode, Variant, VelocityDtype};
+pub use config::{NonFinitePolicy, ParamDtype, PolyakConfig, StepSizeMode, Variant, VelocityDtype};
 pub use context::{AdapterChoice, ContextOptions, GpuContext};
 pub use error::{Error, Result};
 pub use evaluation::Evaluation;

@@ -33,7 +33,10 @@ impl PolyakSgd {
         f: impl FnMut(&mut Evaluation<'_>, &B) -> Result<(Loss, A)>,
     ) -> Result<State<A>> {
         match tol {
-            Some(tol) => self.buffers.write_halt(2.0, stop_threshold(tol)),
+            Some(tol) => {
+                let precision = self.config.dtype.precision();
+                self.buffers.write_halt(2.0, stop_threshold(tol, precision));
+            }
             None => self.buffers.write_halt(1.0, -1.0),
         }
         let out = self.batches(state, steps, tol, f);
@@ -70,7 +73,7 @@ impl PolyakSgd {
             self.buffers.read_slots(submitted.len(), &mut scalars)?;
             for ((loss, aux), s) in submitted.drain(..).zip(&scalars) {
                 let value = loss.value(s);
-                let stepsize = f64::from(s.step);
+                let stepsize = s.step;
                 match s.verdict {
                     Verdict::Applied => state = self.advance(&state, value, stepsize, s, aux),
                     // An error under Refuse (the GPU halted behind it), the skipped

@@ -9,7 +9,7 @@ use crate::evaluation::Evaluation;
 use crate::kernels::Kernels;
 use crate::layout::{Layout, TensorSpec};
 use crate::state::{Loss, State};
-use crate::stepsize::{Precision, polyak_stepsize};
+use crate::stepsize::polyak_stepsize;
 
 /// What a `pre_update` hook sees: the parameters on the GPU and the state so far.
 #[derive(Debug)]
@@ -93,16 +93,30 @@ impl PolyakSgdBuilder {
             norm_partials,
         } = self;
         config.validate()?;
-        if config.velocity_bytes() == 2
-            && !ctx.device().features().contains(wgpu::Features::SHADER_F16)
-        {
+        let features = ctx.device().features();
+        if config.velocity_bytes() == 2 && !features.contains(wgpu::Features::SHADER_F16) {
             return Err(Error::InvalidOption {
                 option: "velocity_dtype",
                 value: "F16".into(),
                 reason: "the device lacks the SHADER_F16 feature",
             });
         }
-        let most = ctx.limits().max_storage_buffer_binding_size as usize / 4;
+        let real = config.dtype.bytes();
+        if real == 8 && !features.contains(wgpu::Features::SHADER_F64) {
+            return Err(Error::InvalidOption {
+                option: "dtype",
+                value: "F64".into(),
+                reason: "the device lacks the SHADER_F64 feature",
+            });
+        }
+        if real == 8 && !external.is_empty() {
+            return Err(Error::InvalidOption {
+                option: "dtype",
+                value: "F64".into(),
+                reason: "user-owned buffers hold f32 tensors only",
+            });
+        }
+        let most = ctx.limits().max_storage_buffer_binding_size as usize / real as usize;
         if let Some(n) = norm_partials.filter(|&n| n == 0 || n > most) {
             return Err(Error::InvalidOption {
                 option: "norm_from_objective",
@@ -114,11 +128,11 @@ impl PolyakSgdBuilder {
         for e in &external {
             e.validate(limits)?;
         }
-        let align = (limits.min_storage_buffer_offset_alignment as usize / 4).max(4);
+        let align = (limits.min_storage_buffer_offset_alignment as usize / real as usize).max(4);
         let capacity = ctx
             .max_segment_elements()
             .unwrap_or(usize::MAX)
-            .min(device_segment_capacity(limits));
+            .min(device_segment_capacity(limits, real));
         let mut layout = Layout::empty(align, capacity)?;
         for t in &owned {
             layout.place(t)?;
@@ -127,7 +141,7 @@ impl PolyakSgdBuilder {
             layout.place_external(&e.spec)?;
         }
         let layout = layout.finish()?;
-        let needed = vector_bytes(&layout, config.velocity_bytes());
+        let needed = vector_bytes(&layout, real, config.velocity_bytes());
         if let Some(available) = ctx.available_memory() {
             if needed > available {
                 return Err(Error::OutOfMemory(format!(
@@ -145,6 +159,7 @@ impl PolyakSgdBuilder {
         let buffers = ParamBuffers::new(
             &ctx,
             layout,
+            real,
             config.velocity_bytes(),
             &external,
             config.sync_every,
@@ -453,7 +468,7 @@ impl PolyakSgd {
             encoder: &mut encoder,
         })?;
         if let (Loss::Host(v), true) = (loss, with_update) {
-            self.buffers.write_loss(v as f32);
+            self.buffers.write_loss(v);
         }
         self.kernels.encode_norm(&mut encoder, None);
         if with_update {
@@ -488,8 +503,8 @@ impl PolyakSgd {
         let next = State {
             iter_num: state.iter_num + 1,
             value,
-            // jaxopt's error is the f32 norm of an f32 gradient.
-            error: f64::from(scalars.sqnorm.sqrt()),
+            // jaxopt's error: the norm in the gradient's precision.
+            error: scalars.error(),
             stepsize,
             aux,
             num_fun_eval: state.num_fun_eval + 1,
@@ -518,9 +533,9 @@ impl PolyakSgd {
         scalars: &Scalars,
         aux: A,
     ) -> Result<State<A>> {
-        let sqnorm = f64::from(scalars.sqnorm);
+        let sqnorm = scalars.sqnorm;
         if self.config.nonfinite == NonFinitePolicy::Skip {
-            let error = f64::from(scalars.sqnorm.sqrt());
+            let error = scalars.error();
             if self.config.verbose {
                 log::info!(
                     "iter {} skipped: value {value:e} error {error:e} stepsize {stepsize:e}",
@@ -562,11 +577,11 @@ impl PolyakSgd {
         }
         let on_device = self.config.stepsize_mode == StepSizeMode::Device;
         let (value, scalars, aux) = self.evaluate(f, on_device)?;
-        let sqnorm = f64::from(scalars.sqnorm);
+        let sqnorm = scalars.sqnorm;
         let stepsize = if on_device {
-            f64::from(scalars.step)
+            scalars.step
         } else {
-            polyak_stepsize(value, sqnorm, &self.config, Precision::F32)
+            polyak_stepsize(value, sqnorm, &self.config, self.config.dtype.precision())
         };
         let refused = if on_device {
             scalars.verdict != Verdict::Applied
@@ -578,7 +593,7 @@ impl PolyakSgd {
             return self.refusal(state, value, stepsize, &scalars, aux);
         }
         if !on_device {
-            self.buffers.write_step(stepsize as f32);
+            self.buffers.write_step(stepsize);
             let mut encoder = self.encoder();
             self.kernels.encode_update(&mut encoder, None);
             if self.deferred {
@@ -639,6 +654,6 @@ impl PolyakSgd {
         f: impl FnOnce(&mut Evaluation<'_>) -> Result<(Loss, A)>,
     ) -> Result<f64> {
         let (_, scalars, _) = self.evaluate(f, false)?;
-        Ok(f64::from(scalars.sqnorm).sqrt())
+        Ok(scalars.sqnorm.sqrt())
     }
 }

@@ -1,5 +1,7 @@
 //! The solver state (jaxopt's `PolyakSGDState`) and the loss an objective reports.
 
+use crate::stepsize::Precision;
+
 /// State after some number of updates, as in jaxopt's `PolyakSGDState`.
 ///
 /// As in jaxopt, `value` and `error` describe the point the last update started
@@ -82,20 +84,40 @@ fn continues(error: f64, tol: f64) -> bool {
     error > tol
 }
 
-/// The stopping rule in the GPU's terms: the largest f32 squared norm `s` at which
-/// `run` stops, i.e. `!(f64(sqrt_f32(s)) > tol)` (the rule is monotone in `s`), or
-/// -1 if no squared norm stops it. With it the GPU decides `sqnorm <= threshold`
-/// exactly as [`State::should_continue`] decides on the CPU, without a WGSL `sqrt`.
-pub(crate) fn stop_threshold(tol: f64) -> f32 {
-    let stops = |bits: u32| !continues(f64::from(f32::from_bits(bits).sqrt()), tol);
-    let (mut lo, mut hi) = (0u32, f32::INFINITY.to_bits());
+/// The stopping rule in the GPU's terms: the largest squared norm `s` of the
+/// parameters' precision at which `run` stops, i.e. `!(error(s) > tol)` with
+/// jaxopt's `error`, the square root in that precision (the rule is monotone in
+/// `s`), or -1 if no squared norm stops it. With it the GPU decides
+/// `sqnorm <= threshold` exactly as [`State::should_continue`] decides on the CPU,
+/// without a WGSL `sqrt`.
+pub(crate) fn stop_threshold(tol: f64, precision: Precision) -> f64 {
+    // Non-negative floats are ordered as their bits: bisect those. `value` gives a
+    // bit pattern's squared norm and its error, both as f64.
+    type Decode = fn(u64) -> (f64, f64);
+    let (value, top): (Decode, u64) = match precision {
+        Precision::F32 => (
+            |bits| {
+                let s = f32::from_bits(bits as u32);
+                (f64::from(s), f64::from(s.sqrt()))
+            },
+            u64::from(f32::INFINITY.to_bits()),
+        ),
+        Precision::F64 => (
+            |bits| {
+                let s = f64::from_bits(bits);
+                (s, s.sqrt())
+            },
+            f64::INFINITY.to_bits(),
+        ),
+    };
+    let stops = |bits: u64| !continues(value(bits).1, tol);
+    let (mut lo, mut hi) = (0u64, top);
     if !stops(lo) {
         return -1.0;
     }
     if stops(hi) {
-        return f32::INFINITY;
+        return f64::INFINITY;
     }
-    // stops(lo) && !stops(hi): bisect the non-negative floats by their bits.
     while hi - lo > 1 {
         let mid = lo + (hi - lo) / 2;
         if stops(mid) {
@@ -104,7 +126,7 @@ pub(crate) fn stop_threshold(tol: f64) -> f32 {
             hi = mid;
         }
     }
-    f32::from_bits(lo)
+    value(lo).0
 }
 
 /// Where the objective put the loss of an evaluation.
@@ -123,7 +145,7 @@ impl Loss {
     pub(crate) fn value(self, scalars: &crate::buffers::Scalars) -> f64 {
         match self {
             Loss::Host(v) => v,
-            Loss::Device => f64::from(scalars.loss),
+            Loss::Device => scalars.loss,
         }
     }
 }
@@ -148,13 +170,20 @@ mod tests {
             1e30,
             f64::INFINITY,
         ] {
-            let t = stop_threshold(tol);
+            // f32: the threshold is an f32 and error = sqrt_f32
+            let t = stop_threshold(tol, Precision::F32);
+            assert_eq!(f64::from(t as f32), t, "tol {tol}");
+            let t32 = t as f32;
             let check = |s: f32| {
                 let state = State {
                     error: f64::from(s.sqrt()),
                     ..State::initial(())
                 };
-                assert_eq!(s <= t, !state.should_continue(tol), "tol {tol} s {s} t {t}");
+                assert_eq!(
+                    s <= t32,
+                    !state.should_continue(tol),
+                    "tol {tol} s {s} t {t}"
+                );
             };
             for s in [
                 0.0,
@@ -169,15 +198,46 @@ mod tests {
             ] {
                 check(s);
             }
-            check(t);
-            if (0.0..f32::INFINITY).contains(&t) {
-                check(f32::from_bits(t.to_bits() + 1));
+            check(t32);
+            if (0.0..f32::INFINITY).contains(&t32) {
+                check(f32::from_bits(t32.to_bits() + 1));
             }
             for _ in 0..1000 {
                 check(f32::from_bits((rng.next_u64() >> 33) as u32 & 0x7f7f_ffff));
             }
+            // f64: error = sqrt_f64
+            let t = stop_threshold(tol, Precision::F64);
+            let check = |s: f64| {
+                let state = State {
+                    error: s.sqrt(),
+                    ..State::initial(())
+                };
+                assert_eq!(s <= t, !state.should_continue(tol), "tol {tol} s {s} t {t}");
+            };
+            for s in [
+                0.0,
+                f64::MIN_POSITIVE,
+                1e-300,
+                1e-12,
+                0.25,
+                1.0,
+                13.69,
+                1e300,
+                f64::MAX,
+            ] {
+                check(s);
+            }
+            check(t);
+            if (0.0..f64::INFINITY).contains(&t) {
+                check(f64::from_bits(t.to_bits() + 1));
+            }
+            for _ in 0..1000 {
+                check(f64::from_bits(
+                    (rng.next_u64() >> 2) & 0x7fef_ffff_ffff_ffff,
+                ));
+            }
         }
-        assert_eq!(stop_threshold(-1.0), -1.0);
-        assert_eq!(stop_threshold(f64::INFINITY), f32::INFINITY);
+        assert_eq!(stop_threshold(-1.0, Precision::F32), -1.0);
+        assert_eq!(stop_threshold(f64::INFINITY, Precision::F64), f64::INFINITY);
     }
 }

@@ -159,3 +159,25 @@ fn rosenbrock_early_steps_agree_between_the_gpu_and_the_f64_reference() {
     assert!(g.passed(), "{:?}", g.failures);
     assert!(g.params < 5e-2 && g.params > 0.0, "{}", g.params);
 }
+
+#[test]
+fn f64_gpu_path_matches_jaxopt_to_1e12_like_the_cpu_reference() {
+    // The whole step on the GPU in f64: host and device step size, and pipelined.
+    let ctx = common::ctx();
+    for (mode, sync_every) in [
+        (polyak_gpu::StepSizeMode::Host, 1),
+        (polyak_gpu::StepSizeMode::Device, 1),
+        (polyak_gpu::StepSizeMode::Device, 8),
+    ] {
+        for case in &file().cases {
+            let mut case = case.clone();
+            case.config.dtype = polyak_gpu::ParamDtype::F64;
+            case.config.stepsize_mode = mode;
+            case.config.sync_every = sync_every;
+            let c = compare_f64(&case, &replay_gpu(&ctx, &case).unwrap());
+            assert!(c.passed(), "{} {mode:?}: {:?}", case.name, c.failures);
+            assert_eq!(c.iter_num, case.run_result.iter_num, "{}", case.name);
+            assert!(c.params <= 1e-12, "{} {mode:?}: {}", case.name, c.params);
+        }
+    }
+}

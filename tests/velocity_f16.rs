@@ -82,7 +82,7 @@ fn f16_velocity_takes_ten_bytes_per_parameter() {
             .buffers()
             .device_bytes()
     };
-    assert_eq!(with(VelocityDtype::F32), 12 * n as u64);
+    assert_eq!(with(VelocityDtype::Full), 12 * n as u64);
     assert_eq!(with(VelocityDtype::F16), 10 * n as u64);
     // without momentum there is no velocity whatever its dtype
     let plain = PolyakConfig::default().velocity_dtype(VelocityDtype::F16);
@@ -92,14 +92,7 @@ fn f16_velocity_takes_ten_bytes_per_parameter() {
 
 #[test]
 fn f16_velocity_needs_the_shader_f16_feature() {
-    // A device opened without SHADER_F16 (wgpu's default), as a caller may bring.
-    let instance = wgpu::Instance::default();
-    let adapter =
-        pollster::block_on(instance.request_adapter(&wgpu::RequestAdapterOptions::default()))
-            .expect("an adapter");
-    let (device, queue) =
-        pollster::block_on(adapter.request_device(&wgpu::DeviceDescriptor::default())).unwrap();
-    let ctx = GpuContext::from_device(device, queue);
+    let ctx = common::default_features_ctx();
     match PolyakSgd::new(&ctx, config(), &[1.0; 8]) {
         Err(Error::InvalidOption {
             option: "velocity_dtype",
@@ -108,7 +101,14 @@ fn f16_velocity_needs_the_shader_f16_feature() {
         other => panic!("expected InvalidOption, got {other:?}"),
     }
     // an f32 velocity is fine there
-    assert!(PolyakSgd::new(&ctx, config().velocity_dtype(VelocityDtype::F32), &[1.0; 8]).is_ok());
+    assert!(
+        PolyakSgd::new(
+            &ctx,
+            config().velocity_dtype(VelocityDtype::Full),
+            &[1.0; 8]
+        )
+        .is_ok()
+    );
 }
 
 #[test]

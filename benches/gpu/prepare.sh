@@ -21,7 +21,7 @@ for b in polyak-bench examples/conformance examples/quickstart examples/mlp; do
 done
 # Test binaries that read no file by path (the conformance tests do; the example
 # above replays the same cases from a path given on its command line).
-for t in stepsize_mode pipeline objective_norm velocity_f16 solver; do
+for t in stepsize_mode pipeline objective_norm velocity_f16 f64 solver; do
   bin=$(cargo test --release --no-run --test "$t" --message-format=json 2>/dev/null |
     python3 -c 'import json,sys
 for l in sys.stdin:

@@ -374,10 +374,6 @@ pub struct Replay {
     pub run: Observed,
 }
 
-fn widen(v: &[f32]) -> Vec<f64> {
-    v.iter().map(|&x| f64::from(x)).collect()
-}
-
 /// Checks that every minibatch lies inside the problem's data.
 fn check_batches(case: &Case) -> Result<()> {
     if case.method == Method::RunIterator
@@ -429,21 +425,31 @@ pub fn replay_cpu(case: &Case) -> Result<Replay> {
     Ok(Replay { entries, run })
 }
 
-/// Replays `case` on the GPU in f32 (data and initial parameters rounded to f32),
-/// with the objective on the host (the parameters cross to the CPU every step: fine
-/// for these tiny problems, and it tests exactly the optimizer's own kernels).
+/// Replays `case` on the GPU in the case config's [`crate::ParamDtype`]: f32 (data and
+/// initial parameters rounded to f32, the loss and gradient handed over as an f32
+/// pipeline would) or f64 (everything exact). The objective runs on the host (the
+/// parameters cross to the CPU every step: fine for these tiny problems, and it
+/// tests exactly the optimizer's own kernels).
 pub fn replay_gpu(ctx: &GpuContext, case: &Case) -> Result<Replay> {
     check_batches(case)?;
-    let problem = case.problem.rounded_f32();
+    let f64_path = case.config.dtype == crate::ParamDtype::F64;
+    let problem = if f64_path {
+        case.problem.clone()
+    } else {
+        case.problem.rounded_f32()
+    };
     let n = case.init_params.len();
-    let init: Vec<f32> = case.init_params.iter().map(|&x| x as f32).collect();
-    // Loss and gradient in f64 from the f32 parameters, rounded to f32 as an f32
-    // pipeline would hand them over.
     let objective =
         |ev: &mut crate::Evaluation<'_>, rows: Option<Range<usize>>| -> Result<(Loss, ())> {
-            let p = widen(&ev.read_params()?);
+            let p = ev.read_params_f64()?;
             let mut g = vec![0.0; n];
             let loss = problem.value_grad(&p, &mut g, rows);
+            if f64_path {
+                ev.write_grads_f64(&g)?;
+                return Ok((Loss::Host(loss), ()));
+            }
+            // Loss and gradient in f64 from the f32 parameters, rounded to f32 as
+            // an f32 pipeline would hand them over.
             let g32: Vec<f32> = g.iter().map(|&x| x as f32).collect();
             ev.write_grads(&g32)?;
             Ok((Loss::Host(f64::from(loss as f32)), ()))
@@ -451,12 +457,12 @@ pub fn replay_gpu(ctx: &GpuContext, case: &Case) -> Result<Replay> {
     let observe = |opt: &PolyakSgd, s: &State<()>| -> Result<Observed> {
         Ok(Observed {
             state: s.clone(),
-            params: widen(&opt.download_params()?),
-            velocity: opt.download_velocity()?.map(|v| widen(&v)),
+            params: opt.buffers().download_params_f64()?,
+            velocity: opt.buffers().download_velocity_f64()?,
         })
     };
     let mut opt = PolyakSgd::with_tensors(ctx, case.config.clone(), &case.tensors)?;
-    opt.upload_params(&init)?;
+    opt.buffers().upload_params_f64(&case.init_params)?;
     let mut state = opt.init_state(|ev| objective(ev, case.batch_rows(0)))?;
     let mut seen = vec![observe(&opt, &state)?];
     for k in 1..=case.last_k() {
@@ -470,7 +476,7 @@ pub fn replay_gpu(ctx: &GpuContext, case: &Case) -> Result<Replay> {
         .map(|e| seen[e.iter_num].clone())
         .collect();
 
-    opt.upload_params(&init)?;
+    opt.buffers().upload_params_f64(&case.init_params)?;
     let state = match case.method {
         Method::Run => opt.run(|ev| objective(ev, None))?,
         Method::RunIterator => opt.run_iterator(

@@ -22,6 +22,18 @@ pub fn ctx_with_segments(n: usize) -> GpuContext {
     .expect("a wgpu adapter")
 }
 
+/// A device opened with wgpu's default features (no SHADER_F16 or SHADER_F64), as a
+/// caller may bring one.
+pub fn default_features_ctx() -> GpuContext {
+    let instance = wgpu::Instance::default();
+    let adapter =
+        pollster::block_on(instance.request_adapter(&wgpu::RequestAdapterOptions::default()))
+            .expect("an adapter");
+    let (device, queue) =
+        pollster::block_on(adapter.request_device(&wgpu::DeviceDescriptor::default())).unwrap();
+    GpuContext::from_device(device, queue)
+}
+
 /// `n` values uniform in [-1, 1) as f32.
 pub fn random(seed: u64, n: usize) -> Vec<f32> {
     let mut rng = SplitMix64::new(seed);

@@ -8,8 +8,8 @@
 use indicatif::{ProgressBar, ProgressStyle};
 use polyak_gpu::bench::{self, CopyBench, CpuBaseline, fill};
 use polyak_gpu::{
-    AdapterChoice, ContextOptions, Evaluation, GpuContext, Loss, PolyakConfig, PolyakSgd, Result,
-    StepSizeMode, TensorSpec, VelocityDtype,
+    AdapterChoice, ContextOptions, Evaluation, GpuContext, Loss, ParamDtype, PolyakConfig,
+    PolyakSgd, Result, StepSizeMode, TensorSpec, VelocityDtype,
 };
 use serde_json::{Value, json};
 use std::time::Instant;
@@ -74,7 +74,7 @@ fn parse_args() -> std::result::Result<Args, String> {
         stepsize: StepSizeMode::Host,
         sync_every: 1,
         norm_from_objective: false,
-        velocity: VelocityDtype::F32,
+        velocity: VelocityDtype::Full,
         json: None,
     };
     let mut it = std::env::args().skip(1);
@@ -121,7 +121,7 @@ fn parse_args() -> std::result::Result<Args, String> {
             "--norm-from-objective" => a.norm_from_objective = value == "on",
             "--velocity" => {
                 a.velocity = match value.as_str() {
-                    "f32" => VelocityDtype::F32,
+                    "f32" => VelocityDtype::Full,
                     "f16" => VelocityDtype::F16,
                     _ => return Err(format!("--velocity f32|f16, not {value:?}")),
                 }
@@ -455,7 +455,7 @@ fn mom(r: &Value) -> &'static str {
 /// reads and writes v.
 fn bytes_per_param(args: &Args, momentum: bool) -> usize {
     let velocity = if momentum {
-        args.velocity.bytes() as usize
+        args.velocity.bytes(ParamDtype::F32) as usize
     } else {
         0
     };
@@ -466,7 +466,12 @@ fn bytes_per_param(args: &Args, momentum: bool) -> usize {
 fn measure(ctx: &GpuContext, args: &Args, n: usize, momentum: bool, copy_gbps: f64) -> Value {
     let bytes_per_param = bytes_per_param(args, momentum);
     let mut row = json!({"n": n, "momentum": momentum, "bytes_per_param": bytes_per_param});
-    let vectors = (n as u64) * (8 + if momentum { args.velocity.bytes() } else { 0 });
+    let vectors = (n as u64)
+        * (8 + if momentum {
+            args.velocity.bytes(ParamDtype::F32)
+        } else {
+            0
+        });
     // On a CPU adapter the "device" memory is host memory: leave room for the baseline.
     if ctx.available_memory().is_some_and(|a| 2 * vectors > a) {
         row["error"] = json!(format!(

@@ -1,0 +1,218 @@
+//! `ParamDtype::F64`: parameters, gradients, velocity and the GPU's arithmetic in
+//! f64 (jaxopt's float64 path; the conformance cases are in tests/conformance.rs).
+
+mod common;
+
+use common::{ctx, ctx_with_segments};
+use polyak_gpu::conformance::SplitMix64;
+use polyak_gpu::{
+    Error, Evaluation, GpuContext, Loss, ParamDtype, PolyakConfig, PolyakSgd, Precision,
+    StepSizeMode, TensorSpec, VelocityDtype, polyak_stepsize,
+};
+
+fn random64(seed: u64, n: usize) -> Vec<f64> {
+    let mut rng = SplitMix64::new(seed);
+    (0..n).map(|_| rng.upm1()).collect()
+}
+
+fn fixed64(
+    g: &[f64],
+    value: f64,
+) -> impl Fn(&mut Evaluation<'_>) -> polyak_gpu::Result<(Loss, ())> + '_ {
+    move |ev| {
+        ev.write_grads_f64(g)?;
+        Ok((Loss::Host(value), ()))
+    }
+}
+
+/// Two steps from random f64 parameters with random f64 gradients, against f64
+/// arithmetic on the host: equal to a few f64 roundings.
+fn two_steps_f64(ctx: &GpuContext, n: usize, mode: StepSizeMode, seed: u64) {
+    let cfg = PolyakConfig::default()
+        .momentum(0.9)
+        .fun_min(-1.0)
+        .max_stepsize(1e6)
+        .dtype(ParamDtype::F64)
+        .stepsize_mode(mode);
+    let mut opt = PolyakSgd::new_zeroed(ctx, cfg.clone(), n).unwrap();
+    let mut p = random64(seed, n);
+    opt.buffers().upload_params_f64(&p).unwrap();
+    assert_eq!(opt.buffers().download_params_f64().unwrap(), p);
+    let mut v = vec![0.0f64; n];
+    let (g1, g2) = (random64(seed + 1, n), random64(seed + 2, n));
+    let mut state = opt.init_state(fixed64(&g1, 0.5)).unwrap();
+    for (g, value) in [(&g1, 0.5), (&g2, 0.25)] {
+        state = opt.update(&state, fixed64(g, value)).unwrap();
+        let sq: f64 = g.iter().map(|x| x * x).sum();
+        assert!(
+            (state.error * state.error - sq).abs() <= 1e-13 * sq,
+            "n={n}: {} vs {sq}",
+            state.error * state.error
+        );
+        let step = polyak_stepsize(value, sq, &cfg, Precision::F64);
+        assert!(
+            (state.stepsize - step).abs() <= 1e-13 * step,
+            "{state:?} vs {step}"
+        );
+        let s = state.stepsize;
+        let got_p = opt.buffers().download_params_f64().unwrap();
+        let got_v = opt.buffers().download_velocity_f64().unwrap().unwrap();
+        for i in 0..n {
+            let vi = 0.9 * v[i] - s * g[i];
+            let scale = p[i].abs() + (0.9 * v[i]).abs() + (s * g[i]).abs();
+            assert!(
+                (got_v[i] - vi).abs() <= 4.0 * f64::EPSILON * scale,
+                "v[{i}]"
+            );
+            assert!(
+                (got_p[i] - (p[i] + vi)).abs() <= 4.0 * f64::EPSILON * scale,
+                "n={n} p[{i}]: {} vs {}",
+                got_p[i],
+                p[i] + vi
+            );
+        }
+        p = got_p;
+        v = got_v;
+    }
+    // not an f32 computation in disguise: the values use f64's digits
+    assert!(p.iter().any(|&x| f64::from(x as f32) != x));
+}
+
+#[test]
+fn f64_steps_match_f64_arithmetic_at_awkward_sizes() {
+    let ctx = ctx();
+    for (i, n) in [1usize, 5, 257, 4099, 100_003].into_iter().enumerate() {
+        two_steps_f64(&ctx, n, StepSizeMode::Host, 600 + 10 * i as u64);
+        two_steps_f64(&ctx, n, StepSizeMode::Device, 605 + 10 * i as u64);
+    }
+    two_steps_f64(&ctx_with_segments(4096), 10_001, StepSizeMode::Device, 650);
+}
+
+#[test]
+fn f64_memory_and_the_objectives_norm() {
+    let ctx = ctx();
+    let cfg = PolyakConfig::default()
+        .momentum(0.5)
+        .max_stepsize(100.0)
+        .dtype(ParamDtype::F64);
+    let n = 1 << 14;
+    let opt = PolyakSgd::new_zeroed(&ctx, cfg.clone(), n).unwrap();
+    assert_eq!(opt.buffers().device_bytes(), 24 * n as u64);
+
+    // The objective writes f64 norm partials, in its own commands.
+    let mut opt = PolyakSgd::builder(&ctx, cfg)
+        .tensor(TensorSpec::new("p", &[1000]))
+        .norm_from_objective(3)
+        .build()
+        .unwrap();
+    let parts = [0.1f64, 0.2, 0.30000000000000004];
+    let source = wgpu::util::DeviceExt::create_buffer_init(
+        opt.context().device(),
+        &wgpu::util::BufferInitDescriptor {
+            label: None,
+            contents: bytemuck::cast_slice(&parts),
+            usage: wgpu::BufferUsages::COPY_SRC,
+        },
+    );
+    let g = random64(660, 1000);
+    let f = |ev: &mut Evaluation<'_>| {
+        ev.write_grads_f64(&g)?;
+        let dst = ev.buffers().norm_partials_binding().unwrap().buffer.clone();
+        ev.encoder().copy_buffer_to_buffer(&source, 0, &dst, 0, 24);
+        Ok((Loss::Host(1.0), ()))
+    };
+    let s = opt.init_state(f).unwrap();
+    let s = opt.update(&s, f).unwrap();
+    let sum: f64 = (0.1 + 0.2) + 0.30000000000000004;
+    assert_eq!(s.error, sum.sqrt());
+    assert_eq!(s.stepsize, 1.0 / sum);
+}
+
+#[test]
+fn f64_is_refused_where_it_cannot_run() {
+    let cfg = PolyakConfig::default().dtype(ParamDtype::F64);
+    let option_of = |r: polyak_gpu::Result<PolyakSgd>| match r {
+        Err(Error::InvalidOption { option, .. }) => option,
+        other => panic!("expected InvalidOption, got {other:?}"),
+    };
+    let plain = common::default_features_ctx();
+    assert_eq!(
+        option_of(PolyakSgd::new(&plain, cfg.clone(), &[1.0; 4])),
+        "dtype"
+    );
+    // an f16 velocity goes with f32 parameters only
+    let ctx = ctx();
+    let half = cfg.clone().momentum(0.9).velocity_dtype(VelocityDtype::F16);
+    assert_eq!(
+        option_of(PolyakSgd::new(&ctx, half, &[1.0; 4])),
+        "velocity_dtype"
+    );
+    // user-owned buffers hold f32
+    let buf = |usage| {
+        ctx.device().create_buffer(&wgpu::BufferDescriptor {
+            label: None,
+            size: 64,
+            usage,
+            mapped_at_creation: false,
+        })
+    };
+    let usage = wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_SRC;
+    let ext = polyak_gpu::ExternalTensor {
+        spec: TensorSpec::new("w", &[16]),
+        params: buf(usage),
+        params_offset: 0,
+        grads: buf(usage),
+        grads_offset: 0,
+    };
+    let built = PolyakSgd::builder(&ctx, cfg).external(ext).build();
+    assert_eq!(option_of(built), "dtype");
+}
+
+#[test]
+fn an_f64_checkpoint_resumes_bit_for_bit() {
+    let ctx = ctx();
+    let cfg = PolyakConfig::default()
+        .momentum(0.9)
+        .max_stepsize(10.0)
+        .dtype(ParamDtype::F64);
+    let n = 3000;
+    let gs: Vec<Vec<f64>> = (0..4).map(|k| random64(670 + k, n)).collect();
+    let dir = std::env::temp_dir().join(format!("polyak-f64-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("f64.safetensors");
+    let fresh = |seed| {
+        let opt = PolyakSgd::new_zeroed(&ctx, cfg.clone(), n).unwrap();
+        opt.buffers().upload_params_f64(&random64(seed, n)).unwrap();
+        opt
+    };
+    let mut a = fresh(680);
+    let mut s = a.init_state(fixed64(&gs[0], 1.0)).unwrap();
+    for (k, g) in gs.iter().enumerate() {
+        s = a.update(&s, fixed64(g, 1.0)).unwrap();
+        if k == 1 {
+            a.save_checkpoint(&s, &file).unwrap();
+        }
+    }
+    let mut b = fresh(681);
+    let mut r = b.load_checkpoint(&file).unwrap();
+    for g in &gs[2..] {
+        r = b.update(&r, fixed64(g, 1.0)).unwrap();
+    }
+    assert_eq!(r, s);
+    let bits = |v: Vec<f64>| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+    assert_eq!(
+        bits(a.buffers().download_params_f64().unwrap()),
+        bits(b.buffers().download_params_f64().unwrap())
+    );
+    assert_eq!(
+        bits(a.buffers().download_velocity_f64().unwrap().unwrap()),
+        bits(b.buffers().download_velocity_f64().unwrap().unwrap())
+    );
+    let bytes = std::fs::read(&file).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    assert_eq!(
+        st.tensor("params/params").unwrap().dtype(),
+        safetensors::Dtype::F64
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}

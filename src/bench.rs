@@ -11,7 +11,15 @@ use crate::stepsize::{Precision, polyak_stepsize};
 /// Fills every tensor's parameters (`params = true`) or gradient with pseudo-random
 /// values in `[-scale, scale)` on the device, without a host upload. Pieces shorter
 /// than 4 elements, and the last `len % 4` elements of each piece, keep their values.
+/// f32 parameters only.
 pub fn fill(opt: &PolyakSgd, params: bool, seed: u32, scale: f32) -> Result<()> {
+    if opt.config().dtype != crate::config::ParamDtype::F32 {
+        return Err(crate::error::Error::InvalidOption {
+            option: "dtype",
+            value: format!("{:?}", opt.config().dtype),
+            reason: "the benchmark fill writes f32 parameters only",
+        });
+    }
     let ctx = opt.context();
     let shader = module(
         ctx,

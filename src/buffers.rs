@@ -706,7 +706,8 @@ impl ParamBuffers {
         Ok(())
     }
 
-    /// Downloads all parameters, tensors concatenated in layout order.
+    /// Downloads all parameters, tensors concatenated in layout order (rounded to
+    /// f32 with f64 parameters: [`ParamBuffers::download_params_f64`] is exact).
     pub fn download_params(&self) -> Result<Vec<f32>> {
         self.download_flat(|s| Some(&s.params))
     }

@@ -37,7 +37,8 @@ impl<'a> Evaluation<'a> {
         self.encoder
     }
 
-    /// Host path: the current parameters, tensors concatenated in layout order.
+    /// Host path: the current parameters, tensors concatenated in layout order
+    /// (rounded to f32 with f64 parameters: use [`Evaluation::read_params_f64`]).
     pub fn read_params(&self) -> Result<Vec<f32>> {
         self.buffers.download_params()
     }

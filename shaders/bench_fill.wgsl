@@ -1,5 +1,6 @@
 // Benchmark data: fills a range with pseudo-random values in [-scale, scale), so that
-// benchmarks run on non-zero data without a host upload.
+// benchmarks run on non-zero data without a host upload. `real4` (f32 or f64) comes
+// from the precision prelude (kernels.rs).
 
 struct Fill {
     n4: u32,       // vec4s to fill
@@ -13,7 +14,7 @@ struct Fill {
 }
 
 // binding 0: the range to fill.
-@group(0) @binding(0) var<storage, read_write> out: array<vec4<f32>>;
+@group(0) @binding(0) var<storage, read_write> out: array<real4>;
 // binding 1: what to fill it with.
 @group(0) @binding(1) var<uniform> fill: Fill;
 
@@ -35,5 +36,5 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
         return;
     }
     let k = (i * 4u) ^ (fill.seed * 0x9E3779B9u);
-    out[i] = fill.scale * vec4<f32>(unit(k), unit(k + 1u), unit(k + 2u), unit(k + 3u));
+    out[i] = real4(fill.scale * vec4<f32>(unit(k), unit(k + 1u), unit(k + 2u), unit(k + 3u)));
 }

@@ -4,27 +4,20 @@
 use crate::config::PolyakConfig;
 use crate::context::GpuContext;
 use crate::error::Result;
-use crate::kernels::{Geometry, bind_group, grid, module, pipeline, uniform};
+use crate::kernels::{Geometry, bind_group, grid, module, pipeline, uniform, with_prelude};
 use crate::solver::PolyakSgd;
 use crate::stepsize::{Precision, polyak_stepsize};
 
 /// Fills every tensor's parameters (`params = true`) or gradient with pseudo-random
 /// values in `[-scale, scale)` on the device, without a host upload. Pieces shorter
 /// than 4 elements, and the last `len % 4` elements of each piece, keep their values.
-/// f32 parameters only.
 pub fn fill(opt: &PolyakSgd, params: bool, seed: u32, scale: f32) -> Result<()> {
-    if opt.config().dtype != crate::config::ParamDtype::F32 {
-        return Err(crate::error::Error::InvalidOption {
-            option: "dtype",
-            value: format!("{:?}", opt.config().dtype),
-            reason: "the benchmark fill writes f32 parameters only",
-        });
-    }
     let ctx = opt.context();
+    let source = include_str!("../shaders/bench_fill.wgsl");
     let shader = module(
         ctx,
         "bench fill",
-        include_str!("../shaders/bench_fill.wgsl"),
+        with_prelude(source, opt.buffers().real_bytes(), 0),
     );
     let pipeline = pipeline(ctx, &shader, "main", &[]);
     let bufs = opt.buffers();
@@ -55,7 +48,7 @@ pub fn fill(opt: &PolyakSgd, params: bool, seed: u32, scale: f32) -> Result<()> 
             ];
             let cfg = uniform(ctx, &cfg);
             let binding = wgpu::BufferBinding {
-                size: wgpu::BufferSize::new(u64::from(n4) * 16),
+                size: wgpu::BufferSize::new(u64::from(n4) * 4 * bufs.real_bytes()),
                 ..b
             };
             let group = bind_group(

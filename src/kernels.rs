@@ -168,7 +168,7 @@ fn inf_with_sign_of(x: real) -> real {
 
 /// `source` with the precision prelude in front: `real` of `real_bytes` (4 or 8),
 /// and `velocity4` for a velocity of `velocity_bytes` per element (2: f16).
-fn with_prelude(source: &str, real_bytes: u64, velocity_bytes: u64) -> String {
+pub(crate) fn with_prelude(source: &str, real_bytes: u64, velocity_bytes: u64) -> String {
     let (enable, velocity) = if velocity_bytes == 2 {
         ("enable f16;\n", "vec4<f16>")
     } else {

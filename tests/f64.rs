@@ -216,3 +216,17 @@ fn an_f64_checkpoint_resumes_bit_for_bit() {
     );
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn the_benchmark_fill_writes_f64_too() {
+    let ctx = ctx();
+    let cfg = PolyakConfig::default().dtype(ParamDtype::F64);
+    let n = 10_003;
+    let opt = PolyakSgd::new_zeroed(&ctx, cfg, n).unwrap();
+    polyak_gpu::bench::fill(&opt, true, 7, 0.5).unwrap();
+    let p = opt.buffers().download_params_f64().unwrap();
+    // all but the last n % 4 are filled, within [-0.5, 0.5), and varied
+    assert!(p[..n - n % 4].iter().all(|x| x.abs() <= 0.5 && *x != 0.0));
+    let mean = p.iter().sum::<f64>() / n as f64;
+    assert!(mean.abs() < 0.02, "{mean}");
+}

@@ -30,6 +30,7 @@ step() { echo; echo "=== $* ($(date +%T))"; }
   step polyak-bench device, 16 steps per wait; timeout 70 $B/polyak-bench --sizes "$SIZES" --momentum on --stepsize device --sync-every 16 --cpu-max 1 --json "$OUT/bench-pipelined.json" 2>&1
   step polyak-bench, norm from the objective; timeout 70 $B/polyak-bench --sizes "$SIZES" --stepsize device --norm-from-objective on --cpu-max 1 --json "$OUT/bench-objective-norm.json" 2>&1
   step polyak-bench, f16 velocity; timeout 70 $B/polyak-bench --sizes "$SIZES" --momentum on --stepsize device --velocity f16 --cpu-max 1 --json "$OUT/bench-f16.json" 2>&1
+  step polyak-bench, f64 parameters; timeout 90 $B/polyak-bench --sizes "$SIZES" --momentum on --stepsize device --dtype f64 --cpu-max 1 --json "$OUT/bench-f64.json" 2>&1
   step pipeline, objective-norm, f16-velocity and f64 tests
   timeout 40 $B/pipeline --test-threads 1 2>&1 | grep -E "test result|panicked|FAILED" | head
   timeout 40 $B/objective_norm --test-threads 1 2>&1 | grep -E "test result|panicked|FAILED" | head

@@ -29,7 +29,8 @@ options:
   --stepsize M        host | device: where the step size is computed (default host;
                       the fixed overhead is measured every way whatever this says)
   --sync-every K      with --stepsize device: steps submitted per wait (default 1)
-  --velocity f32|f16   how the velocity is stored (default f32)
+  --velocity f32|f16   how the velocity is stored (default: like the parameters)
+  --dtype f32|f64      the parameters' precision (default f32)
   --norm-from-objective on|off
                       the objective writes the squared-norm partials (20 / 12 bytes
                       per parameter instead of 24 / 16; default off)
@@ -49,6 +50,7 @@ struct Args {
     sync_every: usize,
     norm_from_objective: bool,
     velocity: VelocityDtype,
+    dtype: ParamDtype,
     json: Option<String>,
 }
 
@@ -75,6 +77,7 @@ fn parse_args() -> std::result::Result<Args, String> {
         sync_every: 1,
         norm_from_objective: false,
         velocity: VelocityDtype::Full,
+        dtype: ParamDtype::F32,
         json: None,
     };
     let mut it = std::env::args().skip(1);
@@ -119,6 +122,13 @@ fn parse_args() -> std::result::Result<Args, String> {
             }
             "--sync-every" => a.sync_every = parse_count(&value)?,
             "--norm-from-objective" => a.norm_from_objective = value == "on",
+            "--dtype" => {
+                a.dtype = match value.as_str() {
+                    "f32" => ParamDtype::F32,
+                    "f64" => ParamDtype::F64,
+                    _ => return Err(format!("--dtype f32|f64, not {value:?}")),
+                }
+            }
             "--velocity" => {
                 a.velocity = match value.as_str() {
                     "f32" => VelocityDtype::Full,
@@ -171,11 +181,14 @@ fn time_steps(
 ) -> Result<Vec<f64>> {
     let mode = opt.config().stepsize_mode;
     let keep = |ev: &mut Evaluation<'_>| keep(ev, mode, partials);
-    opt.context().queue().write_buffer(
-        opt.buffers().scalars_buffer(),
-        0,
-        bytemuck::bytes_of(&0.5f32),
-    );
+    // The loss a GPU objective would leave in the slot, in the parameters' type.
+    let loss: Vec<u8> = match opt.config().dtype {
+        ParamDtype::F32 => bytemuck::bytes_of(&0.5f32).to_vec(),
+        ParamDtype::F64 => bytemuck::bytes_of(&0.5f64).to_vec(),
+    };
+    opt.context()
+        .queue()
+        .write_buffer(opt.buffers().scalars_buffer(), 0, &loss);
     if opt.config().sync_every > 1 {
         let batched = |ev: &mut Evaluation<'_>, _: &usize| keep(ev);
         opt.run_iterator(batched, 0..=warmup)?;
@@ -415,6 +428,7 @@ fn run(args: &Args) -> Result<()> {
             "sync_every": args.sync_every,
             "norm_from_objective": args.norm_from_objective,
             "velocity_dtype": format!("{:?}", args.velocity),
+            "dtype": format!("{:?}", args.dtype),
             "peak_rss_MiB": bench::peak_rss_mib(),
             "rows": rows,
         });
@@ -454,24 +468,25 @@ fn mom(r: &Value) -> &'static str {
 /// the objective computes the norm), the update reads p and g and writes p, and
 /// reads and writes v.
 fn bytes_per_param(args: &Args, momentum: bool) -> usize {
+    let real = args.dtype.bytes() as usize;
     let velocity = if momentum {
-        args.velocity.bytes(ParamDtype::F32) as usize
+        args.velocity.bytes(args.dtype) as usize
     } else {
         0
     };
-    let norm = if args.norm_from_objective { 0 } else { 4 };
-    norm + 12 + 2 * velocity
+    let norm = if args.norm_from_objective { 0 } else { real };
+    norm + 3 * real + 2 * velocity
 }
 
 fn measure(ctx: &GpuContext, args: &Args, n: usize, momentum: bool, copy_gbps: f64) -> Value {
     let bytes_per_param = bytes_per_param(args, momentum);
     let mut row = json!({"n": n, "momentum": momentum, "bytes_per_param": bytes_per_param});
-    let vectors = (n as u64)
-        * (8 + if momentum {
-            args.velocity.bytes(ParamDtype::F32)
-        } else {
-            0
-        });
+    let velocity = if momentum {
+        args.velocity.bytes(args.dtype)
+    } else {
+        0
+    };
+    let vectors = (n as u64) * (2 * args.dtype.bytes() + velocity);
     // On a CPU adapter the "device" memory is host memory: leave room for the baseline.
     if ctx.available_memory().is_some_and(|a| 2 * vectors > a) {
         row["error"] = json!(format!(
@@ -481,7 +496,9 @@ fn measure(ctx: &GpuContext, args: &Args, n: usize, momentum: bool, copy_gbps: f
         return row;
     }
     let gpu = (|| -> Result<Value> {
-        let cfg = config(momentum, args.stepsize, args.sync_every).velocity_dtype(args.velocity);
+        let cfg = config(momentum, args.stepsize, args.sync_every)
+            .velocity_dtype(args.velocity)
+            .dtype(args.dtype);
         let mut builder = PolyakSgd::builder(ctx, cfg).tensor(TensorSpec::new("params", &[n]));
         let mut partials = None;
         if args.norm_from_objective {

@@ -1,9 +1,9 @@
 //! The GPU storage the optimizer owns: parameters, gradients, velocity, scratch.
 
-use crate::config::PolyakConfig;
 use crate::context::GpuContext;
 use crate::error::{Error, Result};
 use crate::layout::{Layout, TensorKey, TensorPlacement, TensorSpec};
+use crate::scalars::ScalarSlot;
 use std::sync::{Arc, Mutex};
 use wgpu::util::DeviceExt;
 
@@ -193,64 +193,6 @@ impl Elem for f64 {
     }
 }
 
-/// The scalars slot as read back after a step's first submission, widened to f64
-/// (exactly: they are of the parameters' precision).
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub(crate) struct Scalars {
-    /// The loss the objective wrote (or the host loss written for it).
-    pub loss: f64,
-    /// The squared gradient norm.
-    pub sqnorm: f64,
-    /// The step size the norm pass computed.
-    pub step: f64,
-    /// What became of the update of this step.
-    pub verdict: Verdict,
-    /// Whether they came from f32 storage.
-    single: bool,
-}
-
-/// What the norm pass decided about a step's update (`scalars[3]`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Verdict {
-    /// The update runs.
-    Applied,
-    /// A non-finite loss, norm or step under `Refuse`: the update does not run.
-    Refused,
-    /// An earlier step of a pipelined run halted it: the update does not run.
-    Skipped,
-}
-
-impl Scalars {
-    /// The first four scalars, stored with `real` bytes each.
-    fn from_bytes(bytes: &[u8], real: u64) -> Self {
-        let v: Vec<f64> = f64::from_bytes(&bytes[..4 * real as usize], real);
-        Scalars {
-            loss: v[0],
-            sqnorm: v[1],
-            step: v[2],
-            verdict: match v[3] {
-                0.0 => Verdict::Applied,
-                1.0 => Verdict::Refused,
-                _ => Verdict::Skipped,
-            },
-            single: real == 4,
-        }
-    }
-
-    /// jaxopt's `error`: the square root of the squared norm, in its precision.
-    pub fn error(&self) -> f64 {
-        if self.single {
-            f64::from((self.sqnorm as f32).sqrt())
-        } else {
-            self.sqnorm.sqrt()
-        }
-    }
-}
-
-/// Scalars in the slot (see `norm_final.wgsl`): loss, squared norm, step, verdict,
-/// halted, halts, stop threshold, momentum, max_stepsize, delta, fun_min, spare.
-const SCALARS: u64 = 12;
-
 /// Where an objective that computes the squared gradient norm itself writes it: `count`
 /// partial sums, summed in order by the norm's final pass. Before each evaluation the
 /// partials are set to NaN from `unwritten`, so one the objective leaves unwritten
@@ -274,7 +216,7 @@ pub(crate) struct Segment {
 }
 
 /// Parameters, gradients and velocity on the GPU, laid out by a [`Layout`], plus the
-/// 32-byte scalars slot (loss, squared norm, step size, verdict, halt state) and its
+/// scalars slot (loss, squared norm, step size, verdict, halt state, options) and its
 /// readback buffer.
 ///
 /// A user's kernels bind tensors through [`ParamBuffers::params_bindings`] and
@@ -285,13 +227,8 @@ pub struct ParamBuffers {
     ctx: GpuContext,
     layout: Layout,
     pub(crate) segments: Vec<Segment>,
-    /// `[loss, sqnorm, step, verdict, halted, halts, stop threshold, -]` as f32 (see
-    /// `norm_final.wgsl`).
-    pub(crate) scalars: wgpu::Buffer,
-    /// MAP_READ copies of the first 16 bytes of `scalars`, one slot per step of a
-    /// pipelined run (one slot otherwise).
-    staging: wgpu::Buffer,
-    map_result: Arc<Mutex<Option<bool>>>,
+    /// Loss, norm, step, verdict, halt state and options (see `scalars.rs`).
+    pub(crate) scalars: ScalarSlot,
     /// The squared-norm partials the objective writes, when it computes the norm.
     pub(crate) objective_norm: Option<ObjectiveNorm>,
     /// Bytes per parameter, gradient and scalar: 4 (f32) or 8 (f64).
@@ -393,13 +330,7 @@ impl ParamBuffers {
                 }
             })
             .collect();
-        let scalars = storage("polyak scalars", SCALARS * real_bytes);
-        let staging = device.create_buffer(&wgpu::BufferDescriptor {
-            label: Some("polyak scalars readback"),
-            size: 4 * real_bytes * readback_slots.max(1) as u64,
-            usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
-            mapped_at_creation: false,
-        });
+        let scalars = ScalarSlot::new(ctx, real_bytes, readback_slots);
         let objective_norm = objective_partials.map(|count| {
             let unwritten = device.create_buffer_init(&wgpu::util::BufferInitDescriptor {
                 label: Some("polyak objective norm: NaN"),
@@ -420,10 +351,8 @@ impl ParamBuffers {
             layout,
             segments,
             scalars,
-            staging,
             objective_norm,
             real: real_bytes,
-            map_result: Arc::new(Mutex::new(None)),
             pending: Mutex::new(None),
         }
     }
@@ -488,7 +417,7 @@ impl ParamBuffers {
             .objective_norm
             .as_ref()
             .map_or(0, |o| o.partials.size() + o.unwritten.size());
-        self.scalars.size() + self.staging.size() + objective
+        self.scalars.bytes() + objective
     }
 
     /// Where the objective writes the squared gradient norm, when the optimizer was
@@ -514,18 +443,14 @@ impl ParamBuffers {
     /// The slot the objective's kernel writes the loss into (one `f32`, or one `f64`
     /// with f64 parameters), for [`crate::Loss::Device`].
     pub fn loss_binding(&self) -> wgpu::BufferBinding<'_> {
-        wgpu::BufferBinding {
-            buffer: &self.scalars,
-            offset: 0,
-            size: wgpu::BufferSize::new(self.real),
-        }
+        self.scalars.loss_binding()
     }
 
     /// The buffer holding the loss at offset 0 (f32, or f64 with f64 parameters; for
     /// copying a loss computed elsewhere there), then the optimizer's own scalars
     /// (squared norm, step size, verdict, halt state, options).
     pub fn scalars_buffer(&self) -> &wgpu::Buffer {
-        &self.scalars
+        &self.scalars.buffer
     }
 
     fn bindings<'a>(
@@ -766,87 +691,6 @@ impl ParamBuffers {
             }
         }
     }
-
-    /// Bytes of one readback slot: loss, squared norm, step and verdict.
-    fn slot_bytes(&self) -> u64 {
-        4 * self.real
-    }
-
-    /// Records the copy of loss, squared norm, step and verdict into readback slot
-    /// `slot`.
-    pub(crate) fn encode_scalars_readback(&self, encoder: &mut wgpu::CommandEncoder, slot: usize) {
-        let size = self.slot_bytes();
-        encoder.copy_buffer_to_buffer(&self.scalars, 0, &self.staging, size * slot as u64, size);
-    }
-
-    /// Waits for the submitted readback copy of slot 0. Allocates nothing of its own.
-    pub(crate) fn read_scalars(&self) -> Result<Scalars> {
-        read_mapped(&self.ctx, &self.staging, &self.map_result, |bytes| {
-            Scalars::from_bytes(bytes, self.real)
-        })
-    }
-
-    /// Waits for the submitted readback copies and puts those of the first `count`
-    /// slots in `out` (whose capacity is reused).
-    pub(crate) fn read_slots(&self, count: usize, out: &mut Vec<Scalars>) -> Result<()> {
-        out.clear();
-        let size = self.slot_bytes() as usize;
-        read_mapped(&self.ctx, &self.staging, &self.map_result, |bytes| {
-            out.extend(
-                bytes
-                    .chunks_exact(size)
-                    .take(count)
-                    .map(|b| Scalars::from_bytes(b, self.real)),
-            );
-        })
-    }
-
-    /// Queues `values` into the scalars from index `first` on, in the parameters'
-    /// precision (applied before the next submission's commands).
-    fn write_scalars(&self, first: u64, values: &[f64]) {
-        self.ctx.queue().write_buffer(
-            &self.scalars,
-            first * self.real,
-            &f64::to_bytes(values, self.real),
-        );
-    }
-
-    /// Queues the options the kernels read from the scalars: momentum,
-    /// max_stepsize, delta and fun_min (once, at build).
-    pub(crate) fn write_options(&self, config: &PolyakConfig) {
-        let options = [
-            config.momentum,
-            config.max_stepsize,
-            config.delta,
-            config.fun_min,
-        ];
-        self.write_scalars(7, &options);
-    }
-
-    /// Queues what halts a pipelined run for the next submissions: `halts` = 0.0
-    /// (nothing), 1.0 (a refusal) or 2.0 (a refusal or `sqnorm <= threshold`), with the
-    /// halted flag cleared.
-    pub(crate) fn write_halt(&self, halts: f64, threshold: f64) {
-        self.write_scalars(4, &[0.0, halts, threshold]);
-    }
-
-    /// Records a clear of the refusal flag, so the next update runs whatever the
-    /// norm pass decided (benchmarks only).
-    pub(crate) fn clear_refusal(&self, encoder: &mut wgpu::CommandEncoder) {
-        encoder.clear_buffer(&self.scalars, 3 * self.real, Some(self.real));
-    }
-
-    /// Queues a loss computed on the host into the loss slot (applied before the
-    /// next submission's commands).
-    pub(crate) fn write_loss(&self, loss: f64) {
-        self.write_scalars(0, &[loss]);
-    }
-
-    /// Queues a step size computed on the host for the next update, replacing the
-    /// one the norm pass wrote, and clears the refusal (the host already checked).
-    pub(crate) fn write_step(&self, step: f64) {
-        self.write_scalars(2, &[step, 0.0]);
-    }
 }
 
 impl Drop for ParamBuffers {
@@ -898,7 +742,7 @@ pub(crate) fn read_bytes(
 /// Maps `staging` (MAP_READ) once the submitted work is done, hands its bytes to `f`
 /// and unmaps it. `slot` receives the map result; the step path passes one it keeps,
 /// so reading the loss and norm allocates nothing of ours.
-fn read_mapped<T>(
+pub(crate) fn read_mapped<T>(
     ctx: &GpuContext,
     staging: &wgpu::Buffer,
     slot: &Arc<Mutex<Option<bool>>>,

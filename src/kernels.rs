@@ -256,7 +256,7 @@ impl Kernels {
             "plain"
         };
         let update_pipeline = pipeline(ctx, &update_mod, entry, &constants);
-        bufs.write_options(config);
+        bufs.scalars.write_options(config);
 
         // The final pass sums our per-workgroup partials, or the objective's own.
         let ours: u32 = geometries.iter().map(|g| g.groups).sum();
@@ -293,7 +293,7 @@ impl Kernels {
                 (0, wgpu::BindingResource::Buffer(s.params.binding(s.len))),
                 (1, wgpu::BindingResource::Buffer(s.grads.binding(s.len))),
                 (3, geo.as_entire_binding()),
-                (4, bufs.scalars.as_entire_binding()),
+                (4, bufs.scalars.buffer.as_entire_binding()),
             ];
             if let Some(v) = &s.velocity {
                 entries.push((2, wgpu::BindingResource::Buffer(v.binding(s.len))));
@@ -306,7 +306,7 @@ impl Kernels {
             &final_pipeline,
             &[
                 (0, summed.as_entire_binding()),
-                (1, bufs.scalars.as_entire_binding()),
+                (1, bufs.scalars.buffer.as_entire_binding()),
                 (2, rule.as_entire_binding()),
             ],
         );
@@ -442,13 +442,13 @@ mod tests {
             let p: Vec<f32> = (0..n).map(|_| rng.upm1() as f32).collect();
             bufs.upload_grads(&g).unwrap();
             bufs.upload_params(&p).unwrap();
-            bufs.write_loss(1000.0);
+            bufs.scalars.write_loss(1000.0);
             let mut enc = ctx.device().create_command_encoder(&Default::default());
             bufs.clear_velocity(&mut enc);
             kernels.encode_norm(&mut enc, None);
-            bufs.encode_scalars_readback(&mut enc, 0);
+            bufs.scalars.encode_readback(&mut enc, 0);
             ctx.queue().submit([enc.finish()]);
-            let s = bufs.read_scalars().unwrap();
+            let s = bufs.scalars.read().unwrap();
             let exact: f64 = g.iter().map(|&x| f64::from(x) * f64::from(x)).sum();
             assert!((s.sqnorm - exact).abs() <= 1e-5 * exact, "{s:?} vs {exact}");
             // The rule's step, in f32 on the GPU: 1000 / sqnorm (below the cap of 100).
@@ -457,9 +457,9 @@ mod tests {
                 (s.step - want).abs() <= 4.0 * f64::from(f32::EPSILON) * want,
                 "{s:?}"
             );
-            assert_eq!(s.verdict, crate::buffers::Verdict::Applied);
+            assert_eq!(s.verdict, crate::scalars::Verdict::Applied);
 
-            bufs.write_step(0.25);
+            bufs.scalars.write_step(0.25);
             let mut enc = ctx.device().create_command_encoder(&Default::default());
             kernels.encode_update(&mut enc, None);
             ctx.queue().submit([enc.finish()]);

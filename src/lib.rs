@@ -36,6 +36,7 @@ mod kernels;
 pub mod layout;
 mod pipeline;
 pub mod reference;
+mod scalars;
 pub mod solver;
 pub mod state;
 pub mod stepsize;

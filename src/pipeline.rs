@@ -8,10 +8,10 @@
 //! steps already submitted behind it (`norm_final.wgsl`'s halt). The CPU then reads
 //! the steps of the batch in order and stops where the GPU stopped.
 
-use crate::buffers::Verdict;
 use crate::config::StepSizeMode;
 use crate::error::{Error, Result};
 use crate::evaluation::Evaluation;
+use crate::scalars::Verdict;
 use crate::solver::PolyakSgd;
 use crate::state::{Loss, State, stop_threshold};
 
@@ -35,13 +35,15 @@ impl PolyakSgd {
         match tol {
             Some(tol) => {
                 let precision = self.config.dtype.precision();
-                self.buffers.write_halt(2.0, stop_threshold(tol, precision));
+                self.buffers
+                    .scalars
+                    .write_halt(2.0, stop_threshold(tol, precision));
             }
-            None => self.buffers.write_halt(1.0, -1.0),
+            None => self.buffers.scalars.write_halt(1.0, -1.0),
         }
         let out = self.batches(state, steps, tol, f);
         // Single updates never halt: disarm before whatever is submitted next.
-        self.buffers.write_halt(0.0, -1.0);
+        self.buffers.scalars.write_halt(0.0, -1.0);
         out
     }
 
@@ -70,7 +72,9 @@ impl PolyakSgd {
             if submitted.is_empty() {
                 return failed.map_or(Ok(state), Err);
             }
-            self.buffers.read_slots(submitted.len(), &mut scalars)?;
+            self.buffers
+                .scalars
+                .read_slots(submitted.len(), &mut scalars)?;
             for ((loss, aux), s) in submitted.drain(..).zip(&scalars) {
                 let value = loss.value(s);
                 let stepsize = s.step;

@@ -1,13 +1,13 @@
 //! `PolyakSgd`: jaxopt's `PolyakSGD` with parameters, gradients and velocity on the GPU.
 
 use crate::buffers::{ExternalTensor, ParamBuffers, device_segment_capacity, vector_bytes};
-use crate::buffers::{Scalars, Verdict};
 use crate::config::{NonFinitePolicy, PolyakConfig, StepSizeMode};
 use crate::context::GpuContext;
 use crate::error::{Error, Result};
 use crate::evaluation::Evaluation;
 use crate::kernels::Kernels;
 use crate::layout::{Layout, TensorSpec};
+use crate::scalars::{Scalars, Verdict};
 use crate::state::{Loss, State};
 use crate::stepsize::polyak_stepsize;
 
@@ -348,7 +348,7 @@ impl PolyakSgd {
                     end_of_pass_write_index: Some(e),
                 };
                 self.kernels.encode_norm(&mut encoder, Some(writes(0, 1)));
-                self.buffers.clear_refusal(&mut encoder);
+                self.buffers.scalars.clear_refusal(&mut encoder);
                 self.kernels.encode_update(&mut encoder, Some(writes(2, 3)));
                 encoder.resolve_query_set(&set, 0..4, &resolve, 0);
                 self.ctx.queue().submit([encoder.finish()]);
@@ -363,7 +363,7 @@ impl PolyakSgd {
                 let t0 = std::time::Instant::now();
                 let mut encoder = self.encoder();
                 self.kernels.encode_norm(&mut encoder, None);
-                self.buffers.clear_refusal(&mut encoder);
+                self.buffers.scalars.clear_refusal(&mut encoder);
                 self.ctx.queue().submit([encoder.finish()]);
                 self.ctx.wait()?;
                 let t1 = std::time::Instant::now();
@@ -468,13 +468,13 @@ impl PolyakSgd {
             encoder: &mut encoder,
         })?;
         if let (Loss::Host(v), true) = (loss, with_update) {
-            self.buffers.write_loss(v);
+            self.buffers.scalars.write_loss(v);
         }
         self.kernels.encode_norm(&mut encoder, None);
         if with_update {
             self.kernels.encode_update(&mut encoder, None);
         }
-        self.buffers.encode_scalars_readback(&mut encoder, slot);
+        self.buffers.scalars.encode_readback(&mut encoder, slot);
         self.buffers.submit(encoder.finish());
         Ok((loss, aux))
     }
@@ -487,7 +487,7 @@ impl PolyakSgd {
         with_update: bool,
     ) -> Result<(f64, Scalars, A)> {
         let (loss, aux) = self.submit_step(f, with_update, 0)?;
-        let scalars = self.buffers.read_scalars()?;
+        let scalars = self.buffers.scalars.read()?;
         Ok((loss.value(&scalars), scalars, aux))
     }
 
@@ -593,7 +593,7 @@ impl PolyakSgd {
             return self.refusal(state, value, stepsize, &scalars, aux);
         }
         if !on_device {
-            self.buffers.write_step(stepsize);
+            self.buffers.scalars.write_step(stepsize);
             let mut encoder = self.encoder();
             self.kernels.encode_update(&mut encoder, None);
             if self.deferred {

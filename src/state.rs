@@ -142,7 +142,7 @@ pub enum Loss {
 
 impl Loss {
     /// The loss value of a step whose scalars came back as `scalars`.
-    pub(crate) fn value(self, scalars: &crate::buffers::Scalars) -> f64 {
+    pub(crate) fn value(self, scalars: &crate::scalars::Scalars) -> f64 {
         match self {
             Loss::Host(v) => v,
             Loss::Device => scalars.loss,

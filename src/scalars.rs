@@ -1,0 +1,203 @@
+//! The scalars slot: loss, squared norm, step size, verdict, halt state and the
+//! real-valued options, in one small storage buffer the kernels share, and its
+//! readback copies (one per step of a pipelined run).
+
+use crate::buffers::{Elem, read_mapped};
+use crate::config::PolyakConfig;
+use crate::context::GpuContext;
+use crate::error::Result;
+use std::sync::{Arc, Mutex};
+
+/// The scalars slot as read back after a step's first submission, widened to f64
+/// (exactly: they are of the parameters' precision).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub(crate) struct Scalars {
+    /// The loss the objective wrote (or the host loss written for it).
+    pub loss: f64,
+    /// The squared gradient norm.
+    pub sqnorm: f64,
+    /// The step size the norm pass computed.
+    pub step: f64,
+    /// What became of the update of this step.
+    pub verdict: Verdict,
+    /// Whether they came from f32 storage.
+    single: bool,
+}
+
+/// What the norm pass decided about a step's update (`scalars[3]`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Verdict {
+    /// The update runs.
+    Applied,
+    /// A non-finite loss, norm or step under `Refuse`: the update does not run.
+    Refused,
+    /// An earlier step of a pipelined run halted it: the update does not run.
+    Skipped,
+}
+
+impl Scalars {
+    /// The first four scalars, stored with `real` bytes each.
+    fn from_bytes(bytes: &[u8], real: u64) -> Self {
+        let v: Vec<f64> = f64::from_bytes(&bytes[..4 * real as usize], real);
+        Scalars {
+            loss: v[0],
+            sqnorm: v[1],
+            step: v[2],
+            verdict: match v[3] {
+                0.0 => Verdict::Applied,
+                1.0 => Verdict::Refused,
+                _ => Verdict::Skipped,
+            },
+            single: real == 4,
+        }
+    }
+
+    /// jaxopt's `error`: the square root of the squared norm, in its precision.
+    pub fn error(&self) -> f64 {
+        if self.single {
+            f64::from((self.sqnorm as f32).sqrt())
+        } else {
+            self.sqnorm.sqrt()
+        }
+    }
+}
+
+/// Scalars in the slot (see `norm_final.wgsl`): loss, squared norm, step, verdict,
+/// halted, halts, stop threshold, momentum, max_stepsize, delta, fun_min, spare.
+pub(crate) const SCALARS: u64 = 12;
+
+/// The slot on the GPU and its MAP_READ readback buffer.
+#[derive(Debug)]
+pub(crate) struct ScalarSlot {
+    ctx: GpuContext,
+    /// `SCALARS` reals (see `norm_final.wgsl`).
+    pub buffer: wgpu::Buffer,
+    /// Copies of the first four scalars, one slot per step of a pipelined run.
+    staging: wgpu::Buffer,
+    map_result: Arc<Mutex<Option<bool>>>,
+    /// Bytes per scalar: 4 (f32 parameters) or 8 (f64).
+    real: u64,
+}
+
+impl ScalarSlot {
+    /// A zeroed slot of reals of `real` bytes with `readback_slots` readback copies.
+    pub(crate) fn new(ctx: &GpuContext, real: u64, readback_slots: usize) -> Self {
+        let device = ctx.device();
+        let buffer = device.create_buffer(&wgpu::BufferDescriptor {
+            label: Some("polyak scalars"),
+            size: SCALARS * real,
+            usage: wgpu::BufferUsages::STORAGE
+                | wgpu::BufferUsages::COPY_SRC
+                | wgpu::BufferUsages::COPY_DST,
+            mapped_at_creation: false,
+        });
+        let staging = device.create_buffer(&wgpu::BufferDescriptor {
+            label: Some("polyak scalars readback"),
+            size: 4 * real * readback_slots.max(1) as u64,
+            usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
+            mapped_at_creation: false,
+        });
+        ScalarSlot {
+            ctx: ctx.clone(),
+            buffer,
+            staging,
+            map_result: Arc::new(Mutex::new(None)),
+            real,
+        }
+    }
+
+    /// Device bytes of the slot and its readback buffer.
+    pub(crate) fn bytes(&self) -> u64 {
+        self.buffer.size() + self.staging.size()
+    }
+
+    /// The loss, where a GPU objective writes it.
+    pub(crate) fn loss_binding(&self) -> wgpu::BufferBinding<'_> {
+        wgpu::BufferBinding {
+            buffer: &self.buffer,
+            offset: 0,
+            size: wgpu::BufferSize::new(self.real),
+        }
+    }
+
+    /// Bytes of one readback slot: loss, squared norm, step and verdict.
+    fn slot_bytes(&self) -> u64 {
+        4 * self.real
+    }
+
+    /// Records the copy of loss, squared norm, step and verdict into readback slot
+    /// `slot`.
+    pub(crate) fn encode_readback(&self, encoder: &mut wgpu::CommandEncoder, slot: usize) {
+        let size = self.slot_bytes();
+        encoder.copy_buffer_to_buffer(&self.buffer, 0, &self.staging, size * slot as u64, size);
+    }
+
+    /// Waits for the submitted readback copy of slot 0. Allocates nothing of its own.
+    pub(crate) fn read(&self) -> Result<Scalars> {
+        read_mapped(&self.ctx, &self.staging, &self.map_result, |bytes| {
+            Scalars::from_bytes(bytes, self.real)
+        })
+    }
+
+    /// Waits for the submitted readback copies and puts those of the first `count`
+    /// slots in `out` (whose capacity is reused).
+    pub(crate) fn read_slots(&self, count: usize, out: &mut Vec<Scalars>) -> Result<()> {
+        out.clear();
+        let size = self.slot_bytes() as usize;
+        read_mapped(&self.ctx, &self.staging, &self.map_result, |bytes| {
+            out.extend(
+                bytes
+                    .chunks_exact(size)
+                    .take(count)
+                    .map(|b| Scalars::from_bytes(b, self.real)),
+            );
+        })
+    }
+
+    /// Queues `values` into the scalars from index `first` on, in the parameters'
+    /// precision (applied before the next submission's commands).
+    fn write(&self, first: u64, values: &[f64]) {
+        self.ctx.queue().write_buffer(
+            &self.buffer,
+            first * self.real,
+            &f64::to_bytes(values, self.real),
+        );
+    }
+
+    /// Queues the options the kernels read from the scalars: momentum,
+    /// max_stepsize, delta and fun_min (once, at build).
+    pub(crate) fn write_options(&self, config: &PolyakConfig) {
+        let options = [
+            config.momentum,
+            config.max_stepsize,
+            config.delta,
+            config.fun_min,
+        ];
+        self.write(7, &options);
+    }
+
+    /// Queues what halts a pipelined run for the next submissions: `halts` = 0.0
+    /// (nothing), 1.0 (a refusal) or 2.0 (a refusal or `sqnorm <= threshold`), with the
+    /// halted flag cleared.
+    pub(crate) fn write_halt(&self, halts: f64, threshold: f64) {
+        self.write(4, &[0.0, halts, threshold]);
+    }
+
+    /// Records a clear of the refusal flag, so the next update runs whatever the
+    /// norm pass decided (benchmarks only).
+    pub(crate) fn clear_refusal(&self, encoder: &mut wgpu::CommandEncoder) {
+        encoder.clear_buffer(&self.buffer, 3 * self.real, Some(self.real));
+    }
+
+    /// Queues a loss computed on the host into the loss slot (applied before the
+    /// next submission's commands).
+    pub(crate) fn write_loss(&self, loss: f64) {
+        self.write(0, &[loss]);
+    }
+
+    /// Queues a step size computed on the host for the next update, replacing the
+    /// one the norm pass wrote, and clears the refusal (the host already checked).
+    pub(crate) fn write_step(&self, step: f64) {
+        self.write(2, &[step, 0.0]);
+    }
+}

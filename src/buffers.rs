@@ -124,7 +124,7 @@ impl Region {
 
 /// A host element type of the upload and download API (f32 or f64), converted to and
 /// from the storage type of a region: f16 (2 bytes), f32 (4) or f64 (8).
-pub trait Elem: Copy + bytemuck::Pod {
+pub(crate) trait Elem: Copy + bytemuck::Pod {
     /// The value as f64 (exact).
     fn to_f64(self) -> f64;
     /// `v` rounded to this type.

@@ -26,7 +26,7 @@ use wgpu::util::DeviceExt;
 pub struct ExternalTensor {
     /// Name and shape.
     pub spec: TensorSpec,
-    /// Buffer holding the parameters.
+    /// Buffer holding the parameters (f32, or f64 with [`crate::ParamDtype::F64`]).
     pub params: wgpu::Buffer,
     /// Byte offset of the parameters in `params`.
     pub params_offset: u64,
@@ -38,7 +38,8 @@ pub struct ExternalTensor {
 
 impl ExternalTensor {
     /// Checks everything but the device (checked when the kernels are bound).
-    pub(crate) fn validate(&self, limits: &wgpu::Limits) -> Result<()> {
+    /// `real_bytes` is the size of one element: 4 (f32) or 8 (f64 parameters).
+    pub(crate) fn validate(&self, limits: &wgpu::Limits, real_bytes: u64) -> Result<()> {
         let bad = |reason: String| {
             Err(Error::Registration {
                 tensor: self.spec.name.clone(),
@@ -57,7 +58,7 @@ impl ExternalTensor {
                 "length {len} is not a multiple of 4; pad the buffers with zeros"
             ));
         }
-        let bytes = len as u64 * 4;
+        let bytes = len as u64 * real_bytes;
         let align = u64::from(limits.min_storage_buffer_offset_alignment);
         for (what, buf, off) in [
             ("params", &self.params, self.params_offset),
@@ -297,17 +298,17 @@ impl ParamBuffers {
         let mut user: Vec<Option<(Region, Region)>> = vec![None; layout.segment_lens().len()];
         for (t, ext) in layout.tensors().iter().filter(|t| t.external).zip(external) {
             for p in &t.parts {
-                let at = p.tensor_offset as u64 * 4;
+                let at = p.tensor_offset as u64 * real_bytes;
                 user[p.segment] = Some((
                     Region {
                         buffer: ext.params.clone(),
                         offset: ext.params_offset + at,
-                        elem: 4,
+                        elem: real_bytes,
                     },
                     Region {
                         buffer: ext.grads.clone(),
                         offset: ext.grads_offset + at,
-                        elem: 4,
+                        elem: real_bytes,
                     },
                 ));
             }

@@ -109,13 +109,6 @@ impl PolyakSgdBuilder {
                 reason: "the device lacks the SHADER_F64 feature",
             });
         }
-        if real == 8 && !external.is_empty() {
-            return Err(Error::InvalidOption {
-                option: "dtype",
-                value: "F64".into(),
-                reason: "user-owned buffers hold f32 tensors only",
-            });
-        }
         let most = ctx.limits().max_storage_buffer_binding_size as usize / real as usize;
         if let Some(n) = norm_partials.filter(|&n| n == 0 || n > most) {
             return Err(Error::InvalidOption {
@@ -126,7 +119,7 @@ impl PolyakSgdBuilder {
         }
         let limits = ctx.limits();
         for e in &external {
-            e.validate(limits)?;
+            e.validate(limits, real)?;
         }
         let align = (limits.min_storage_buffer_offset_alignment as usize / real as usize).max(4);
         let capacity = ctx

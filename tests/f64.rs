@@ -147,25 +147,70 @@ fn f64_is_refused_where_it_cannot_run() {
         option_of(PolyakSgd::new(&ctx, half, &[1.0; 4])),
         "velocity_dtype"
     );
-    // user-owned buffers hold f32
-    let buf = |usage| {
-        ctx.device().create_buffer(&wgpu::BufferDescriptor {
-            label: None,
-            size: 64,
-            usage,
-            mapped_at_creation: false,
+}
+
+#[test]
+fn user_owned_f64_buffers_are_updated_in_place() {
+    let ctx = ctx();
+    let n = 1000;
+    let p0 = random64(690, n);
+    let g = random64(691, n);
+    let device = ctx.device();
+    let init = |data: &[f64]| {
+        wgpu::util::DeviceExt::create_buffer_init(
+            device,
+            &wgpu::util::BufferInitDescriptor {
+                label: None,
+                contents: bytemuck::cast_slice(data),
+                usage: wgpu::BufferUsages::STORAGE
+                    | wgpu::BufferUsages::COPY_SRC
+                    | wgpu::BufferUsages::COPY_DST,
+            },
+        )
+    };
+    let (params, grads) = (init(&p0), init(&g));
+    let cfg = PolyakConfig::default()
+        .max_stepsize(10.0)
+        .dtype(ParamDtype::F64);
+    let mut opt = PolyakSgd::builder(&ctx, cfg)
+        .external(polyak_gpu::ExternalTensor {
+            spec: TensorSpec::new("w", &[n]),
+            params: params.clone(),
+            params_offset: 0,
+            grads,
+            grads_offset: 0,
         })
-    };
-    let usage = wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_SRC;
-    let ext = polyak_gpu::ExternalTensor {
-        spec: TensorSpec::new("w", &[16]),
-        params: buf(usage),
-        params_offset: 0,
-        grads: buf(usage),
-        grads_offset: 0,
-    };
-    let built = PolyakSgd::builder(&ctx, cfg).external(ext).build();
-    assert_eq!(option_of(built), "dtype");
+        .build()
+        .unwrap();
+    // the gradient is already in the user's buffer; the loss comes from the host
+    let keep = |_: &mut Evaluation<'_>| Ok((Loss::Host(2.0), ()));
+    let s = opt.init_state(keep).unwrap();
+    let s = opt.update(&s, keep).unwrap();
+    let sq: f64 = g.iter().map(|x| x * x).sum();
+    assert!((s.stepsize - 2.0 / sq).abs() <= 1e-14 * s.stepsize);
+    let p = opt.buffers().download_params_f64().unwrap();
+    for i in 0..n {
+        let want = p0[i] - s.stepsize * g[i];
+        assert!(
+            (p[i] - want).abs() <= 4.0 * f64::EPSILON * p0[i].abs().max(1.0),
+            "{i}"
+        );
+    }
+    // a user buffer too small for f64 values is refused at registration
+    let small = init(&p0[..n / 2]);
+    let built = PolyakSgd::builder(&ctx, PolyakConfig::default().dtype(ParamDtype::F64))
+        .external(polyak_gpu::ExternalTensor {
+            spec: TensorSpec::new("w", &[n]),
+            params: small,
+            params_offset: 0,
+            grads: init(&g),
+            grads_offset: 0,
+        })
+        .build();
+    match built {
+        Err(Error::Registration { reason, .. }) => assert!(reason.contains("exceeds"), "{reason}"),
+        other => panic!("{other:?}"),
+    }
 }
 
 #[test]

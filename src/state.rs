@@ -136,7 +136,7 @@ pub enum Loss {
     Host(f64),
     /// The objective's kernels wrote the loss as one `f32` into the optimizer's loss
     /// slot ([`crate::ParamBuffers::loss_binding`]); it comes back together with the
-    /// norm in one 16-byte readback.
+    /// norm in one 16-byte readback (32 bytes with f64 parameters).
     Device,
 }
 

@@ -134,9 +134,10 @@ pub(crate) fn stop_threshold(tol: f64, precision: Precision) -> f64 {
 pub enum Loss {
     /// The loss, computed on the host.
     Host(f64),
-    /// The objective's kernels wrote the loss as one `f32` into the optimizer's loss
-    /// slot ([`crate::ParamBuffers::loss_binding`]); it comes back together with the
-    /// norm in one 16-byte readback (32 bytes with f64 parameters).
+    /// The objective's kernels wrote the loss as one `f32` (`f64` with f64
+    /// parameters) into the optimizer's loss slot
+    /// ([`crate::ParamBuffers::loss_binding`]); it comes back together with the norm
+    /// in one 16-byte readback (32 bytes with f64 parameters).
     Device,
 }
 

@@ -86,6 +86,13 @@ fn f64_steps_match_f64_arithmetic_at_awkward_sizes() {
         two_steps_f64(&ctx, n, StepSizeMode::Device, 605 + 10 * i as u64);
     }
     two_steps_f64(&ctx_with_segments(4096), 10_001, StepSizeMode::Device, 650);
+    // the GPUs' grid-stride walk (lavapipe uses contiguous runs by default)
+    two_steps_f64(
+        &common::grid_stride_ctx(),
+        300_007,
+        StepSizeMode::Device,
+        655,
+    );
 }
 
 #[test]

@@ -69,6 +69,8 @@ fn f16_velocity_steps_match_f64_with_the_stored_velocity_rounded() {
     }
     // over several segments (the 2-D dispatch is the kernels' unit test's)
     two_steps_f16(&ctx_with_segments(4096), 10_001, 450);
+    // the GPUs' grid-stride walk (lavapipe uses contiguous runs by default)
+    two_steps_f16(&common::grid_stride_ctx(), 300_007, 455);
 }
 
 #[test]

@@ -34,6 +34,17 @@ pub fn default_features_ctx() -> GpuContext {
     GpuContext::from_device(device, queue)
 }
 
+/// A context whose kernels walk their segment in a grid-stride loop, as on GPUs,
+/// with few workgroups so each invocation strides several times.
+pub fn grid_stride_ctx() -> GpuContext {
+    GpuContext::with_options(ContextOptions {
+        contiguous_invocations: Some(false),
+        max_workgroups: Some(7),
+        ..Default::default()
+    })
+    .expect("a wgpu adapter")
+}
+
 /// `n` values uniform in [-1, 1) as f32.
 pub fn random(seed: u64, n: usize) -> Vec<f32> {
     let mut rng = SplitMix64::new(seed);

@@ -62,18 +62,19 @@ pub enum NonFinitePolicy {
 /// Where the step size of each update is computed. Not a jaxopt option.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum StepSizeMode {
-    /// On the CPU, in f64 from the f32 loss and squared norm, then rounded to f32.
-    /// A step is two submissions: the objective and the norm, a wait for the 16-byte
-    /// readback, then the update. The default.
+    /// On the CPU, in f64 from the loss and squared norm, then rounded to the
+    /// parameters' precision. A step is two submissions: the objective and the norm,
+    /// a wait for the readback, then the update. The default.
     #[default]
     Host,
-    /// On the GPU, in f32 (as jaxopt's float32 path computes it), by the kernel that
-    /// finishes the norm; the update reads it there. A step is one submission and one
-    /// wait for the 16-byte readback of loss, squared norm, step size and verdict:
-    /// less fixed cost per step at small N. The non-finite check is made on the GPU
-    /// too: a refused step writes nothing. The step may differ from `Host`'s by an
-    /// f32 rounding or two (the order of the f32 operations and WGSL's division);
-    /// a [`crate::Loss::Host`] value is rounded to f32 before it enters the rule.
+    /// On the GPU, in the parameters' precision (f32 as jaxopt's float32 path
+    /// computes it, or f64), by the kernel that finishes the norm; the update reads
+    /// it there. A step is one submission and one wait for the readback of loss,
+    /// squared norm, step size and verdict: less fixed cost per step at small N. The
+    /// non-finite check is made on the GPU too: a refused step writes nothing. In f32
+    /// the step may differ from `Host`'s by an f32 rounding or two (the order of the
+    /// f32 operations and WGSL's division); a [`crate::Loss::Host`] value is rounded
+    /// to the parameters' precision before it enters the rule.
     Device,
 }
 

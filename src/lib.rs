@@ -8,7 +8,8 @@
 //! sums them) and one does the fused momentum/Polyak update. Only the loss and the
 //! squared norm come back to the CPU, where [`polyak_stepsize`] computes the step
 //! (or, under [`StepSizeMode::Device`], the kernel that finishes the norm computes it
-//! in f32 and the update runs in the same submission: one round trip per step).
+//! and the update runs in the same submission: one round trip per step). Everything
+//! runs in f32 or, with [`ParamDtype::F64`], in f64.
 //!
 //! - [`GpuContext`]: the headless device (or one you already have).
 //! - [`PolyakConfig`]: jaxopt's options, with `Default` and builder setters.

@@ -4,6 +4,7 @@ use crate::context::GpuContext;
 use crate::error::{Error, Result};
 use crate::layout::{Layout, TensorKey, TensorPlacement, TensorSpec};
 use crate::scalars::ScalarSlot;
+use std::borrow::Cow;
 use std::sync::{Arc, Mutex};
 use wgpu::util::DeviceExt;
 
@@ -151,28 +152,23 @@ pub(crate) trait Elem: Copy + bytemuck::Pod {
         }
     }
 
-    /// `data` as elements of `elem` bytes.
-    fn to_bytes(data: &[Self], elem: u64) -> Vec<u8> {
+    /// `data` as elements of `elem` bytes: borrowed when they already are (no copy
+    /// of a large upload), converted otherwise.
+    fn to_bytes(data: &[Self], elem: u64) -> Cow<'_, [u8]> {
         if elem as usize == std::mem::size_of::<Self>() {
-            return bytemuck::cast_slice(data).to_vec();
+            return Cow::Borrowed(bytemuck::cast_slice(data));
         }
-        match elem {
-            2 => {
-                let h: Vec<half::f16> = data
-                    .iter()
-                    .map(|v| half::f16::from_f64(v.to_f64()))
-                    .collect();
-                bytemuck::cast_slice(&h).to_vec()
-            }
-            4 => {
-                let f: Vec<f32> = data.iter().map(|v| v.to_f64() as f32).collect();
-                bytemuck::cast_slice(&f).to_vec()
-            }
-            _ => {
-                let d: Vec<f64> = data.iter().map(|v| v.to_f64()).collect();
-                bytemuck::cast_slice(&d).to_vec()
-            }
-        }
+        Cow::Owned(match elem {
+            2 => data
+                .iter()
+                .flat_map(|v| half::f16::from_f64(v.to_f64()).to_le_bytes())
+                .collect(),
+            4 => data
+                .iter()
+                .flat_map(|v| (v.to_f64() as f32).to_le_bytes())
+                .collect(),
+            _ => data.iter().flat_map(|v| v.to_f64().to_le_bytes()).collect(),
+        })
     }
 }
 

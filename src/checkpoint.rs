@@ -49,7 +49,7 @@ impl View for Lazy<'_> {
             .buffers()
             .download_placed::<f64>(self.tensor, self.velocity);
         match got {
-            Ok(v) => Cow::Owned(f64::to_bytes(&v, self.elem())),
+            Ok(v) => Cow::Owned(f64::to_bytes(&v, self.elem()).into_owned()),
             Err(e) => {
                 self.failed.borrow_mut().get_or_insert(e);
                 Cow::Owned(vec![0; self.data_len()])

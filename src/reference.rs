@@ -128,16 +128,7 @@ impl CpuPolyakSgd {
                 }
             }
         }
-        Ok(State {
-            iter_num: state.iter_num + 1,
-            value,
-            error: sqnorm.sqrt(),
-            stepsize,
-            aux,
-            num_fun_eval: state.num_fun_eval + 1,
-            num_grad_eval: state.num_grad_eval + 1,
-            num_skipped: state.num_skipped,
-        })
+        Ok(state.updated(value, sqnorm.sqrt(), stepsize, aux))
     }
 
     /// jaxopt's `run` (same stopping rule as [`crate::PolyakSgd::run`]).

@@ -2,7 +2,7 @@
 //! real-valued options, in one small storage buffer the kernels share, and its
 //! readback copies (one per step of a pipelined run).
 
-use crate::buffers::{Elem, read_mapped};
+use crate::buffers::read_mapped;
 use crate::config::PolyakConfig;
 use crate::context::GpuContext;
 use crate::error::Result;
@@ -37,13 +37,22 @@ pub(crate) enum Verdict {
 
 impl Scalars {
     /// The first four scalars, stored with `real` bytes each.
+    /// Allocates nothing: this runs every step.
     fn from_bytes(bytes: &[u8], real: u64) -> Self {
-        let v: Vec<f64> = f64::from_bytes(&bytes[..4 * real as usize], real);
+        let r = real as usize;
+        let v = |i: usize| -> f64 {
+            let b = &bytes[i * r..(i + 1) * r];
+            if real == 4 {
+                f64::from(bytemuck::pod_read_unaligned::<f32>(b))
+            } else {
+                bytemuck::pod_read_unaligned::<f64>(b)
+            }
+        };
         Scalars {
-            loss: v[0],
-            sqnorm: v[1],
-            step: v[2],
-            verdict: match v[3] {
+            loss: v(0),
+            sqnorm: v(1),
+            step: v(2),
+            verdict: match v(3) {
                 0.0 => Verdict::Applied,
                 1.0 => Verdict::Refused,
                 _ => Verdict::Skipped,
@@ -156,12 +165,21 @@ impl ScalarSlot {
 
     /// Queues `values` into the scalars from index `first` on, in the parameters'
     /// precision (applied before the next submission's commands).
+    /// Encodes on the stack (at most four values): it runs every step.
     fn write(&self, first: u64, values: &[f64]) {
-        self.ctx.queue().write_buffer(
-            &self.buffer,
-            first * self.real,
-            &f64::to_bytes(values, self.real),
-        );
+        let r = self.real as usize;
+        let mut bytes = [0u8; 32];
+        let n = values.len() * r;
+        for (chunk, &v) in bytes[..n].chunks_exact_mut(r).zip(values) {
+            if r == 4 {
+                chunk.copy_from_slice(&(v as f32).to_le_bytes());
+            } else {
+                chunk.copy_from_slice(&v.to_le_bytes());
+            }
+        }
+        self.ctx
+            .queue()
+            .write_buffer(&self.buffer, first * self.real, &bytes[..n]);
     }
 
     /// Queues the options the kernels read from the scalars: momentum,

@@ -493,26 +493,9 @@ impl PolyakSgd {
         scalars: &Scalars,
         aux: A,
     ) -> State<A> {
-        let next = State {
-            iter_num: state.iter_num + 1,
-            value,
-            // jaxopt's error: the norm in the gradient's precision.
-            error: scalars.error(),
-            stepsize,
-            aux,
-            num_fun_eval: state.num_fun_eval + 1,
-            num_grad_eval: state.num_grad_eval + 1,
-            num_skipped: state.num_skipped,
-        };
-        if self.config.verbose {
-            log::info!(
-                "iter {} value {:e} error {:e} stepsize {:e}",
-                next.iter_num,
-                next.value,
-                next.error,
-                next.stepsize
-            );
-        }
+        // jaxopt's error: the norm in the gradient's precision.
+        let next = state.updated(value, scalars.error(), stepsize, aux);
+        self.log(&next, "");
         next
     }
 
@@ -526,23 +509,30 @@ impl PolyakSgd {
         scalars: &Scalars,
         aux: A,
     ) -> Result<State<A>> {
-        let sqnorm = scalars.sqnorm;
         if self.config.nonfinite == NonFinitePolicy::Skip {
-            let error = scalars.error();
-            if self.config.verbose {
-                log::info!(
-                    "iter {} skipped: value {value:e} error {error:e} stepsize {stepsize:e}",
-                    state.iter_num
-                );
-            }
-            return Ok(state.skipped(value, error, stepsize, aux));
+            let next = state.skipped(value, scalars.error(), stepsize, aux);
+            self.log(&next, " skipped:");
+            return Ok(next);
         }
         Err(Error::NonFinite {
             iter_num: state.iter_num,
             value,
-            sqnorm,
+            sqnorm: scalars.sqnorm,
             stepsize,
         })
+    }
+
+    /// jaxopt's `verbose`: one line per step.
+    fn log<A>(&self, s: &State<A>, what: &str) {
+        if self.config.verbose {
+            log::info!(
+                "iter {}{what} value {:e} error {:e} stepsize {:e}",
+                s.iter_num,
+                s.value,
+                s.error,
+                s.stepsize
+            );
+        }
     }
 
     /// jaxopt's `update`: one Polyak step from the current parameters.

@@ -43,6 +43,21 @@ impl<A> State<A> {
         }
     }
 
+    /// The state after an update that ran from this one, with the step's value,
+    /// error and step size.
+    pub(crate) fn updated<B>(&self, value: f64, error: f64, stepsize: f64, aux: B) -> State<B> {
+        State {
+            iter_num: self.iter_num + 1,
+            value,
+            error,
+            stepsize,
+            aux,
+            num_fun_eval: self.num_fun_eval + 1,
+            num_grad_eval: self.num_grad_eval + 1,
+            num_skipped: self.num_skipped,
+        }
+    }
+
     /// The state after a step that was evaluated but skipped as non-finite: no
     /// update counted, the step's own value, error and step size.
     pub(crate) fn skipped<B>(&self, value: f64, error: f64, stepsize: f64, aux: B) -> State<B> {

@@ -47,7 +47,9 @@ impl ExternalTensor {
                 reason,
             })
         };
-        let len = self.spec.len();
+        let Some(len) = self.spec.checked_len() else {
+            return bad("the product of its dimensions overflows usize".into());
+        };
         if len == 0 {
             return Err(Error::EmptyParameters(format!(
                 "tensor {:?}",
@@ -59,7 +61,7 @@ impl ExternalTensor {
                 "length {len} is not a multiple of 4; pad the buffers with zeros"
             ));
         }
-        let bytes = len as u64 * real_bytes;
+        let bytes = (len as u64).saturating_mul(real_bytes);
         let align = u64::from(limits.min_storage_buffer_offset_alignment);
         for (what, buf, off) in [
             ("params", &self.params, self.params_offset),

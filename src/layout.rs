@@ -29,9 +29,19 @@ impl TensorSpec {
         }
     }
 
-    /// Number of elements.
+    /// Number of elements (`usize::MAX` where the product of the dimensions
+    /// overflows; such a tensor is refused when it is placed).
     pub fn len(&self) -> usize {
-        self.shape.iter().product()
+        self.checked_len().unwrap_or(usize::MAX)
+    }
+
+    /// Number of elements, or `None` where the product of the dimensions overflows
+    /// `usize` (a zero dimension makes it 0 whatever the others are).
+    pub fn checked_len(&self) -> Option<usize> {
+        if self.shape.contains(&0) {
+            return Some(0);
+        }
+        self.shape.iter().try_fold(1usize, |n, &d| n.checked_mul(d))
     }
 
     /// Whether the tensor has no elements.
@@ -111,6 +121,10 @@ pub struct Layout {
     capacity: usize,
 }
 
+/// Most segments in one layout: 65,536 storage buffers per vector is far beyond
+/// any device (2^45 f32 parameters with an H200's 2 GiB segments).
+pub const MAX_SEGMENTS: usize = 1 << 16;
+
 fn round_up(x: usize, to: usize) -> usize {
     x.div_ceil(to) * to
 }
@@ -147,9 +161,26 @@ impl Layout {
         })
     }
 
+    /// Checks a tensor before it is placed: not empty, not too large, a new name.
     fn check_new(&self, spec: &TensorSpec) -> Result<()> {
-        if spec.is_empty() {
+        let Some(len) = spec.checked_len() else {
+            return Err(Error::Tensor(
+                spec.name.clone(),
+                "the product of its dimensions overflows usize",
+            ));
+        };
+        if len == 0 {
             return Err(Error::EmptyParameters(format!("tensor {:?}", spec.name)));
+        }
+        // Refused before the placement loop, which would otherwise run (and
+        // allocate) once per segment of an absurd size.
+        if self.segment_lens.len() + len.div_ceil(self.capacity) > MAX_SEGMENTS {
+            return Err(Error::OutOfMemory(format!(
+                "tensor {:?} ({len} elements) would take the model past {MAX_SEGMENTS} \
+                 segments of {} elements: more than a device holds (or a \
+                 max_segment_elements far too small)",
+                spec.name, self.capacity
+            )));
         }
         if self.tensors.iter().any(|t| t.spec.name == spec.name) {
             return Err(Error::Tensor(spec.name.clone(), "given twice"));
@@ -368,6 +399,34 @@ mod tests {
         assert!(Layout::new(&specs(&[4]), 8, 4).is_err());
         let l = Layout::new(&specs(&[4]), 8, 16).unwrap();
         assert!(matches!(l.tensor("zz"), Err(Error::Tensor(..))));
+        // A shape whose product overflows: refused by name, not taken as empty (and
+        // no overflow panic in debug builds).
+        let huge = TensorSpec::new("huge", &[1 << 40, 1 << 40]);
+        assert_eq!(huge.checked_len(), None);
+        assert_eq!(huge.len(), usize::MAX);
+        assert!(matches!(
+            Layout::new(&[huge], 8, 16),
+            Err(Error::Tensor(name, _)) if name == "huge"
+        ));
+        assert_eq!(
+            TensorSpec::new("z", &[1 << 40, 1 << 40, 0]).checked_len(),
+            Some(0)
+        );
+        assert_eq!(TensorSpec::new("s", &[]).checked_len(), Some(1));
         assert!(matches!(l.tensor(TensorId(1)), Err(Error::Tensor(..))));
+    }
+
+    #[test]
+    fn absurd_sizes_are_refused_before_placement() {
+        // 2^60 elements in segments of 16 would be 2^56 parts: refused at once.
+        let r = Layout::new(&specs(&[1 << 60]), 8, 16);
+        assert!(matches!(r, Err(Error::OutOfMemory(m)) if m.contains("65536 segments")));
+        // Exactly MAX_SEGMENTS segments is fine; one element more is not.
+        let l = Layout::new(&specs(&[16 * MAX_SEGMENTS]), 8, 16).unwrap();
+        assert_eq!(l.segment_lens().len(), MAX_SEGMENTS);
+        assert!(Layout::new(&specs(&[16 * MAX_SEGMENTS + 1]), 8, 16).is_err());
+        // The limit counts the segments already placed.
+        assert!(Layout::new(&specs(&[16, 16 * MAX_SEGMENTS - 16]), 8, 16).is_ok());
+        assert!(Layout::new(&specs(&[16, 16 * MAX_SEGMENTS]), 8, 16).is_err());
     }
 }

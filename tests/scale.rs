@@ -213,6 +213,9 @@ fn registration_checks_give_typed_errors() {
     assert!(reason(build(ext(&[63], align, 0, &grads))).contains("multiple of 4"));
     assert!(reason(build(ext(&[64], align, 64, &grads))).contains("exceeds"));
     assert!(reason(build(ext(&[64], align * 100, 0, &grads))).contains("exceeds"));
+    // a shape whose element count overflows, and one whose bytes overflow u64
+    assert!(reason(build(ext(&[1 << 40, 1 << 40], align, 0, &grads))).contains("overflows"));
+    assert!(reason(build(ext(&[1 << 62], align, 0, &grads))).contains("exceeds"));
     // params and grads overlapping in one buffer
     assert!(reason(build(ext(&[16], align, 2 * align, &params))).contains("overlap"));
     // no STORAGE usage

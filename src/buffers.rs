@@ -759,7 +759,12 @@ pub(crate) fn read_mapped<T>(
             *s = Some(r.is_ok());
         }
     });
-    ctx.wait()?;
+    if let Err(e) = ctx.wait() {
+        // Abort the map still pending (a timeout), so the buffer can take the next
+        // copy instead of failing wgpu's validation.
+        staging.unmap();
+        return Err(e);
+    }
     if slot.lock().map(|s| *s).ok().flatten() != Some(true) {
         return Err(Error::Device("mapping a readback buffer failed".into()));
     }

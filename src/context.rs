@@ -1,6 +1,15 @@
 //! The headless wgpu device the optimizer runs on.
 
 use crate::error::{Error, Result};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+/// How long [`GpuContext::wait`] (and so every step's readback and every download)
+/// waits for the GPU by default before it gives up with [`Error::Timeout`]: far
+/// beyond any one submission of this crate (a 4e9-parameter step takes 25 ms on an
+/// H200), so only a kernel that never ends reaches it.
+pub const DEFAULT_WAIT_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// Which adapter [`GpuContext::new`] opens.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -31,6 +40,11 @@ pub struct ContextOptions {
     /// lavapipe) rather than striding by the workgroup size (good on GPUs). `None`
     /// picks by device type.
     pub contiguous_invocations: Option<bool>,
+    /// How long a wait for the GPU may take before it is [`Error::Timeout`] (a hung
+    /// kernel, e.g. one of the objective's, is then an error instead of a hang).
+    /// `None` is [`DEFAULT_WAIT_TIMEOUT`]; `Some(Duration::MAX)` waits as long as the
+    /// work takes.
+    pub wait_timeout: Option<Duration>,
 }
 
 /// A wgpu device and queue, plus what the kernels need to know about them.
@@ -45,6 +59,8 @@ pub struct GpuContext {
     max_workgroups: u32,
     max_segment_elements: Option<usize>,
     contiguous_invocations: bool,
+    /// The wait timeout in nanoseconds (`u64::MAX`: none), shared by every clone.
+    wait_timeout_ns: Arc<AtomicU64>,
 }
 
 impl GpuContext {
@@ -100,6 +116,7 @@ impl GpuContext {
         ctx.contiguous_invocations = options
             .contiguous_invocations
             .unwrap_or(info.device_type == wgpu::DeviceType::Cpu);
+        ctx.set_wait_timeout(options.wait_timeout.unwrap_or(DEFAULT_WAIT_TIMEOUT));
         ctx.info = Some(info);
         Ok(ctx)
     }
@@ -176,6 +193,25 @@ impl GpuContext {
             max_workgroups: default_max_workgroups(wgpu::DeviceType::DiscreteGpu),
             max_segment_elements: None,
             contiguous_invocations: false,
+            wait_timeout_ns: Arc::new(AtomicU64::new(nanos(DEFAULT_WAIT_TIMEOUT))),
+        }
+    }
+
+    /// Sets how long a wait for the GPU may take (see
+    /// [`ContextOptions::wait_timeout`]; `Duration::MAX`: as long as the work
+    /// takes). The setting is shared with every clone of this context, so it also
+    /// applies to the optimizers already built from it.
+    pub fn set_wait_timeout(&self, timeout: Duration) {
+        self.wait_timeout_ns
+            .store(nanos(timeout), Ordering::Relaxed);
+    }
+
+    /// How long a wait for the GPU may take before it is [`Error::Timeout`]
+    /// (`Duration::MAX`: no limit).
+    pub fn wait_timeout(&self) -> Duration {
+        match self.wait_timeout_ns.load(Ordering::Relaxed) {
+            u64::MAX => Duration::MAX,
+            ns => Duration::from_nanos(ns),
         }
     }
 
@@ -270,13 +306,26 @@ impl GpuContext {
         }
     }
 
-    /// Blocks until all submitted work is done.
+    /// Blocks until all submitted work is done, or returns [`Error::Timeout`] once
+    /// [`GpuContext::wait_timeout`] has passed (the work stays queued and may still
+    /// complete; waiting again waits for it).
     pub fn wait(&self) -> Result<()> {
-        self.device
-            .poll(wgpu::PollType::wait_indefinitely())
-            .map(|_| ())
-            .map_err(|e| Error::Device(e.to_string()))
+        let limit = self.wait_timeout();
+        match self.device.poll(wgpu::PollType::Wait {
+            submission_index: None,
+            timeout: (limit != Duration::MAX).then_some(limit),
+        }) {
+            Ok(_) => Ok(()),
+            Err(wgpu::PollError::Timeout) => Err(Error::Timeout(limit)),
+            Err(e) => Err(Error::Device(e.to_string())),
+        }
     }
+}
+
+/// A timeout in nanoseconds, `u64::MAX` standing for none (`Duration::MAX` or
+/// anything beyond 584 years).
+fn nanos(d: Duration) -> u64 {
+    u64::try_from(d.as_nanos()).unwrap_or(u64::MAX)
 }
 
 /// The kB figure after `key` in a /proc file (Linux; `None` elsewhere).

@@ -85,6 +85,16 @@ pub enum Error {
     /// Mapping a buffer for reading failed, or a device operation failed.
     #[error("device error: {0}")]
     Device(String),
+    /// The GPU did not finish the submitted work within the context's wait timeout
+    /// ([`crate::ContextOptions::wait_timeout`]): a kernel that never ends, or work
+    /// longer than the limit. The work stays queued and may still complete, with
+    /// its effects (under [`crate::StepSizeMode::Device`] a step's update is part of
+    /// it).
+    #[error(
+        "the GPU did not finish within {0:?} (ContextOptions::wait_timeout): a kernel \
+         that never ends, or work longer than that; it stays queued and may still complete"
+    )]
+    Timeout(std::time::Duration),
     /// A checkpoint could not be written, read, or does not fit this optimizer
     /// (nothing was uploaded).
     #[error("checkpoint {path}: {reason}")]

@@ -279,6 +279,9 @@ fn run(args: &Args) -> Result<()> {
     let ctx = GpuContext::with_options(ContextOptions {
         adapter: args.adapter,
         max_workgroups: args.max_workgroups,
+        // One copy-rate run is 20 copies in one submission: about a minute at 1e9
+        // on lavapipe, past the default wait timeout.
+        wait_timeout: Some(std::time::Duration::MAX),
         ..Default::default()
     })?;
     let info = ctx.adapter_info().cloned();

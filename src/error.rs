@@ -73,8 +73,10 @@ pub enum Error {
         /// The step size computed from them.
         stepsize: f64,
     },
-    /// The objective did not provide a gradient during its evaluation.
-    #[error("the objective returned without writing the gradient: {0}")]
+    /// The objective (the caller's closure or model) could not evaluate: for it to
+    /// return, e.g. on a batch it cannot use; the step is then not taken and the
+    /// parameters stay as they were. The library never makes this error itself.
+    #[error("the objective failed: {0}")]
     Objective(String),
     /// `run_iterator` was given an iterator with no batch at all.
     #[error("run_iterator needs at least one batch (the first goes to init_state)")]

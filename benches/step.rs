@@ -31,7 +31,20 @@ fn steps(c: &mut Criterion) {
         .unwrap();
         bench::fill(&on_device, true, 1, 1.0).unwrap();
         bench::fill(&on_device, false, 2, 1e-3).unwrap();
-        let loss_in_slot = |_: &mut polyak_gpu::Evaluation<'_>| Ok((Loss::Device, ()));
+        // The loss a GPU objective writes into the slot every evaluation.
+        let loss = wgpu::util::DeviceExt::create_buffer_init(
+            ctx.device(),
+            &wgpu::util::BufferInitDescriptor {
+                label: Some("bench loss"),
+                contents: bytemuck::bytes_of(&0.5f32),
+                usage: wgpu::BufferUsages::COPY_SRC,
+            },
+        );
+        let loss_in_slot = |ev: &mut polyak_gpu::Evaluation<'_>| {
+            let slot = ev.buffers().scalars_buffer().clone();
+            ev.encoder().copy_buffer_to_buffer(&loss, 0, &slot, 0, 4);
+            Ok((Loss::Device, ()))
+        };
         let mut device_state = on_device.init_state(loss_in_slot).unwrap();
         group.bench_with_input(BenchmarkId::new("step (device rule)", n), &n, |b, _| {
             b.iter(|| {

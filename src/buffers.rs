@@ -432,15 +432,19 @@ impl ParamBuffers {
             .map(|o| o.partials.as_entire_buffer_binding())
     }
 
-    /// Records the NaN fill of the objective's norm partials (before the objective).
-    pub(crate) fn encode_unwritten_norm(&self, encoder: &mut wgpu::CommandEncoder) {
+    /// Records the NaN fill of what the objective writes besides the gradient (the
+    /// loss and, if it computes the norm, its partials), before the objective.
+    pub(crate) fn encode_unwritten(&self, encoder: &mut wgpu::CommandEncoder) {
+        self.scalars.encode_unwritten_loss(encoder);
         if let Some(o) = &self.objective_norm {
             encoder.copy_buffer_to_buffer(&o.unwritten, 0, &o.partials, 0, o.partials.size());
         }
     }
 
     /// The slot the objective's kernel writes the loss into (one `f32`, or one `f64`
-    /// with f64 parameters), for [`crate::Loss::Device`].
+    /// with f64 parameters), for [`crate::Loss::Device`]. It is set to NaN before
+    /// each evaluation, so a loss left unwritten refuses the step (a non-finite
+    /// value) instead of reusing the last one.
     pub fn loss_binding(&self) -> wgpu::BufferBinding<'_> {
         self.scalars.loss_binding()
     }

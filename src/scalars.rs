@@ -81,6 +81,10 @@ pub(crate) struct ScalarSlot {
     ctx: GpuContext,
     /// `SCALARS` reals (see `norm_final.wgsl`).
     pub buffer: wgpu::Buffer,
+    /// Two reals copied into the loss before and after each evaluation: NaN (so a
+    /// loss the objective leaves unwritten refuses the step instead of being
+    /// stale), then the host's loss where the objective computed it there.
+    loss_in: wgpu::Buffer,
     /// Copies of the first four scalars, one slot per step of a pipelined run.
     staging: wgpu::Buffer,
     map_result: Arc<Mutex<Option<bool>>>,
@@ -100,24 +104,33 @@ impl ScalarSlot {
                 | wgpu::BufferUsages::COPY_DST,
             mapped_at_creation: false,
         });
+        let loss_in = device.create_buffer(&wgpu::BufferDescriptor {
+            label: Some("polyak loss: NaN, host loss"),
+            size: 2 * real,
+            usage: wgpu::BufferUsages::COPY_SRC | wgpu::BufferUsages::COPY_DST,
+            mapped_at_creation: false,
+        });
         let staging = device.create_buffer(&wgpu::BufferDescriptor {
             label: Some("polyak scalars readback"),
             size: 4 * real * readback_slots.max(1) as u64,
             usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
             mapped_at_creation: false,
         });
-        ScalarSlot {
+        let slot = ScalarSlot {
             ctx: ctx.clone(),
             buffer,
+            loss_in,
             staging,
             map_result: Arc::new(Mutex::new(None)),
             real,
-        }
+        };
+        slot.write(&slot.loss_in, 0, &[f64::NAN]);
+        slot
     }
 
     /// Device bytes of the slot and its readback buffer.
     pub(crate) fn bytes(&self) -> u64 {
-        self.buffer.size() + self.staging.size()
+        self.buffer.size() + self.loss_in.size() + self.staging.size()
     }
 
     /// The loss, where a GPU objective writes it.
@@ -163,10 +176,10 @@ impl ScalarSlot {
         })
     }
 
-    /// Queues `values` into the scalars from index `first` on, in the parameters'
+    /// Queues `values` into `target` from real `first` on, in the parameters'
     /// precision (applied before the next submission's commands).
     /// Encodes on the stack (at most four values): it runs every step.
-    fn write(&self, first: u64, values: &[f64]) {
+    fn write(&self, target: &wgpu::Buffer, first: u64, values: &[f64]) {
         let r = self.real as usize;
         let mut bytes = [0u8; 32];
         let n = values.len() * r;
@@ -179,7 +192,7 @@ impl ScalarSlot {
         }
         self.ctx
             .queue()
-            .write_buffer(&self.buffer, first * self.real, &bytes[..n]);
+            .write_buffer(target, first * self.real, &bytes[..n]);
     }
 
     /// Queues the options the kernels read from the scalars: momentum,
@@ -191,14 +204,14 @@ impl ScalarSlot {
             config.delta,
             config.fun_min,
         ];
-        self.write(7, &options);
+        self.write(&self.buffer, 7, &options);
     }
 
     /// Queues what halts a pipelined run for the next submissions: `halts` = 0.0
     /// (nothing), 1.0 (a refusal) or 2.0 (a refusal or `sqnorm <= threshold`), with the
     /// halted flag cleared.
     pub(crate) fn write_halt(&self, halts: f64, threshold: f64) {
-        self.write(4, &[0.0, halts, threshold]);
+        self.write(&self.buffer, 4, &[0.0, halts, threshold]);
     }
 
     /// Records a clear of the refusal flag, so the next update runs whatever the
@@ -207,15 +220,28 @@ impl ScalarSlot {
         encoder.clear_buffer(&self.buffer, 3 * self.real, Some(self.real));
     }
 
-    /// Queues a loss computed on the host into the loss slot (applied before the
-    /// next submission's commands).
+    /// Records setting the loss to NaN, before the objective's commands: a loss
+    /// the objective does not write then refuses the step.
+    pub(crate) fn encode_unwritten_loss(&self, encoder: &mut wgpu::CommandEncoder) {
+        encoder.copy_buffer_to_buffer(&self.loss_in, 0, &self.buffer, 0, self.real);
+    }
+
+    /// Records setting the loss to `loss`, computed on the host, after the
+    /// objective's commands (in the order of the encoder, unlike a queue write).
+    pub(crate) fn encode_host_loss(&self, encoder: &mut wgpu::CommandEncoder, loss: f64) {
+        self.write(&self.loss_in, 1, &[loss]);
+        encoder.copy_buffer_to_buffer(&self.loss_in, self.real, &self.buffer, 0, self.real);
+    }
+
+    /// Queues a loss into the loss slot directly (kernel tests).
+    #[cfg(test)]
     pub(crate) fn write_loss(&self, loss: f64) {
-        self.write(0, &[loss]);
+        self.write(&self.buffer, 0, &[loss]);
     }
 
     /// Queues a step size computed on the host for the next update, replacing the
     /// one the norm pass wrote, and clears the refusal (the host already checked).
     pub(crate) fn write_step(&self, step: f64) {
-        self.write(2, &[step, 0.0]);
+        self.write(&self.buffer, 2, &[step, 0.0]);
     }
 }

@@ -454,14 +454,14 @@ impl PolyakSgd {
         slot: usize,
     ) -> Result<(Loss, A)> {
         let mut encoder = self.encoder();
-        self.buffers.encode_unwritten_norm(&mut encoder);
+        self.buffers.encode_unwritten(&mut encoder);
         let (loss, aux) = f(&mut Evaluation {
             ctx: &self.ctx,
             buffers: &self.buffers,
             encoder: &mut encoder,
         })?;
-        if let (Loss::Host(v), true) = (loss, with_update) {
-            self.buffers.scalars.write_loss(v);
+        if let Loss::Host(v) = loss {
+            self.buffers.scalars.encode_host_loss(&mut encoder, v);
         }
         self.kernels.encode_norm(&mut encoder, None);
         if with_update {

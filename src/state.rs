@@ -152,7 +152,8 @@ pub enum Loss {
     /// The objective's kernels wrote the loss as one `f32` (`f64` with f64
     /// parameters) into the optimizer's loss slot
     /// ([`crate::ParamBuffers::loss_binding`]); it comes back together with the norm
-    /// in one 16-byte readback (32 bytes with f64 parameters).
+    /// in one 16-byte readback (32 bytes with f64 parameters). The slot is NaN
+    /// until the objective writes it: a loss left unwritten refuses the step.
     Device,
 }
 

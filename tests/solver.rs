@@ -4,7 +4,8 @@ mod common;
 
 use common::{GpuQuadratic, check_step, ctx, ctx_with_segments, fixed, random, sqnorm, two_steps};
 use polyak_gpu::{
-    Error, Evaluation, Loss, NonFinitePolicy, PolyakConfig, PolyakSgd, State, TensorSpec, Variant,
+    Error, Evaluation, Loss, NonFinitePolicy, PolyakConfig, PolyakSgd, State, StepSizeMode,
+    TensorSpec, Variant,
 };
 use std::sync::{Arc, Mutex};
 
@@ -449,4 +450,35 @@ fn the_optimizer_can_move_to_another_thread() {
     .join()
     .unwrap();
     assert_eq!(moved.0, 1);
+}
+
+#[test]
+fn a_loss_the_objective_leaves_unwritten_refuses_the_step() {
+    // The loss slot is NaN until the objective writes it: a GPU objective that
+    // forgets it gets a refusal, not the previous step's loss.
+    let ctx = ctx();
+    let n = 1000;
+    for mode in [StepSizeMode::Host, StepSizeMode::Device] {
+        let cfg = PolyakConfig::default().stepsize_mode(mode);
+        let mut opt = PolyakSgd::new(&ctx, cfg, &random(7, n)).unwrap();
+        let q = GpuQuadratic::new(&opt, "params", &random(8, n));
+        let state = opt.init_state(|ev| q.eval(ev)).unwrap();
+        let state = opt.update(&state, |ev| q.eval(ev)).unwrap();
+        assert!(state.value > 1.0 && state.value.is_finite(), "{state:?}");
+        let before = opt.download_params().unwrap();
+        match opt.update(&state, |ev| q.eval_without_loss(ev)) {
+            Err(Error::NonFinite {
+                iter_num: 1, value, ..
+            }) => assert!(value.is_nan(), "{mode:?}: {value}"),
+            other => panic!("{mode:?}: expected a refusal, got {other:?}"),
+        }
+        assert_eq!(opt.download_params().unwrap(), before, "{mode:?}");
+        // The next evaluation that writes its loss steps as usual.
+        let next = opt.update(&state, |ev| q.eval(ev)).unwrap();
+        assert_eq!(next.iter_num, 2);
+        assert!(
+            next.value.is_finite() && next.value < state.value,
+            "{next:?}"
+        );
+    }
 }

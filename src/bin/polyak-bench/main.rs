@@ -151,11 +151,13 @@ fn stats(v: &mut [f64]) -> (f64, f64, f64) {
 
 /// The objective of a benchmark step: the gradient is already in place (filled on
 /// the device) and the loss is fixed at 0.5. Under the host rule it is handed over
-/// on the host; under the device rule it already sits in the loss slot, as a GPU
-/// objective's kernel would leave it. With `--norm-from-objective` it copies its
-/// squared-norm partials from `partials`, as a gradient kernel would write them.
+/// on the host; under the device rule it is copied from `loss` into the loss slot,
+/// as a GPU objective's kernel writes it every evaluation. With
+/// `--norm-from-objective` it copies its squared-norm partials from `partials`, as a
+/// gradient kernel would write them.
 fn keep(
     ev: &mut Evaluation<'_>,
+    loss: &wgpu::Buffer,
     stepsize: StepSizeMode,
     partials: Option<&wgpu::Buffer>,
 ) -> Result<(Loss, ())> {
@@ -166,7 +168,12 @@ fn keep(
     }
     Ok(match stepsize {
         StepSizeMode::Host => (Loss::Host(0.5), ()),
-        StepSizeMode::Device => (Loss::Device, ()),
+        StepSizeMode::Device => {
+            let slot = ev.buffers().scalars_buffer().clone();
+            ev.encoder()
+                .copy_buffer_to_buffer(loss, 0, &slot, 0, loss.size());
+            (Loss::Device, ())
+        }
     })
 }
 
@@ -180,15 +187,20 @@ fn time_steps(
     partials: Option<&wgpu::Buffer>,
 ) -> Result<Vec<f64>> {
     let mode = opt.config().stepsize_mode;
-    let keep = |ev: &mut Evaluation<'_>| keep(ev, mode, partials);
-    // The loss a GPU objective would leave in the slot, in the parameters' type.
+    // The loss a GPU objective writes into the slot, in the parameters' type.
     let loss: Vec<u8> = match opt.config().dtype {
         ParamDtype::F32 => bytemuck::bytes_of(&0.5f32).to_vec(),
         ParamDtype::F64 => bytemuck::bytes_of(&0.5f64).to_vec(),
     };
-    opt.context()
-        .queue()
-        .write_buffer(opt.buffers().scalars_buffer(), 0, &loss);
+    let loss = opt
+        .context()
+        .device()
+        .create_buffer_init(&wgpu::util::BufferInitDescriptor {
+            label: Some("bench loss"),
+            contents: &loss,
+            usage: wgpu::BufferUsages::COPY_SRC,
+        });
+    let keep = |ev: &mut Evaluation<'_>| keep(ev, &loss, mode, partials);
     if opt.config().sync_every > 1 {
         let batched = |ev: &mut Evaluation<'_>, _: &usize| keep(ev);
         opt.run_iterator(batched, 0..=warmup)?;

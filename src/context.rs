@@ -322,6 +322,17 @@ impl GpuContext {
     }
 }
 
+/// The output of `f`, which native wgpu has ready at once (error scopes): polled
+/// once with a no-op waker, so a step allocates no waker; waited for otherwise.
+pub(crate) fn now<F: std::future::Future>(f: F) -> F::Output {
+    let mut f = std::pin::pin!(f);
+    let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+    match f.as_mut().poll(&mut cx) {
+        std::task::Poll::Ready(v) => v,
+        std::task::Poll::Pending => pollster::block_on(f),
+    }
+}
+
 /// A timeout in nanoseconds, `u64::MAX` standing for none (`Duration::MAX` or
 /// anything beyond 584 years).
 fn nanos(d: Duration) -> u64 {

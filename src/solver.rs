@@ -2,7 +2,7 @@
 
 use crate::buffers::{ExternalTensor, ParamBuffers, device_segment_capacity, vector_bytes};
 use crate::config::{NonFinitePolicy, PolyakConfig, StepSizeMode};
-use crate::context::GpuContext;
+use crate::context::{GpuContext, now};
 use crate::error::{Error, Result};
 use crate::evaluation::Evaluation;
 use crate::kernels::Kernels;
@@ -432,6 +432,7 @@ impl PolyakSgd {
         &mut self,
         f: impl FnOnce(&mut Evaluation<'_>) -> Result<(Loss, A)>,
     ) -> Result<State<A>> {
+        let scope = self.validation_scope();
         let mut encoder = self.encoder();
         let (_, aux) = f(&mut Evaluation {
             ctx: &self.ctx,
@@ -439,7 +440,7 @@ impl PolyakSgd {
             encoder: &mut encoder,
         })?;
         self.buffers.clear_velocity(&mut encoder);
-        self.buffers.submit(encoder.finish());
+        self.submit_checked(encoder, scope)?;
         Ok(State::initial(aux))
     }
 
@@ -453,6 +454,7 @@ impl PolyakSgd {
         with_update: bool,
         slot: usize,
     ) -> Result<(Loss, A)> {
+        let scope = self.validation_scope();
         let mut encoder = self.encoder();
         self.buffers.encode_unwritten(&mut encoder);
         let (loss, aux) = f(&mut Evaluation {
@@ -468,8 +470,37 @@ impl PolyakSgd {
             self.kernels.encode_update(&mut encoder, None);
         }
         self.buffers.scalars.encode_readback(&mut encoder, slot);
-        self.buffers.submit(encoder.finish());
+        self.submit_checked(encoder, scope)?;
         Ok((loss, aux))
+    }
+
+    /// Starts catching wgpu's validation errors on this thread, for
+    /// [`PolyakSgd::submit_checked`]: without it wgpu panics on a bad command.
+    fn validation_scope(&self) -> wgpu::ErrorScopeGuard {
+        self.ctx
+            .device()
+            .push_error_scope(wgpu::ErrorFilter::Validation)
+    }
+
+    /// Finishes `encoder` (recorded under `scope`) and submits it after any deferred
+    /// update, unless wgpu rejected one of its commands, most likely one the
+    /// objective recorded: then nothing of it runs (a deferred update stays
+    /// pending for the next submission) and the error is [`Error::Validation`].
+    fn submit_checked(
+        &self,
+        encoder: wgpu::CommandEncoder,
+        scope: wgpu::ErrorScopeGuard,
+    ) -> Result<()> {
+        let commands = encoder.finish();
+        if let Some(e) = now(scope.pop()) {
+            return Err(Error::Validation(e.to_string()));
+        }
+        let scope = self.validation_scope();
+        self.buffers.submit(commands);
+        match now(scope.pop()) {
+            Some(e) => Err(Error::Validation(e.to_string())),
+            None => Ok(()),
+        }
     }
 
     /// [`PolyakSgd::submit_step`] into slot 0, then waits for the scalars; returns

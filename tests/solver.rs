@@ -482,3 +482,47 @@ fn a_loss_the_objective_leaves_unwritten_refuses_the_step() {
         );
     }
 }
+
+#[test]
+fn an_invalid_command_of_the_objective_is_an_error_and_runs_nothing() {
+    // wgpu panics on a command it rejects unless someone catches it: the optimizer
+    // does, for everything recorded into a step, and submits none of that step.
+    let ctx = ctx();
+    let n = 64;
+    let (p0, g) = (random(31, n), random(32, n));
+    let bad = |ev: &mut Evaluation<'_>| {
+        let slot = ev.buffers().scalars_buffer().clone();
+        ev.encoder().copy_buffer_to_buffer(&slot, 0, &slot, 16, 4);
+        Ok((Loss::Host(1.0), ()))
+    };
+    let is_invalid = |r: &polyak_gpu::Result<State>| matches!(r, Err(Error::Validation(m)) if m.contains("same buffer"));
+    for (mode, deferred) in [
+        (StepSizeMode::Host, false),
+        (StepSizeMode::Host, true),
+        (StepSizeMode::Device, false),
+    ] {
+        let cfg = PolyakConfig::default().momentum(0.5).stepsize_mode(mode);
+        let one_step = || {
+            let mut twin = PolyakSgd::new(&ctx, cfg.clone(), &p0).unwrap();
+            let s = twin.init_state(fixed(&g, 1.0)).unwrap();
+            twin.update(&s, fixed(&g, 1.0)).unwrap();
+            twin.download_params().unwrap()
+        };
+        let mut opt = PolyakSgd::new(&ctx, cfg.clone(), &p0).unwrap();
+        opt.set_deferred_updates(deferred);
+        assert!(is_invalid(&opt.init_state(bad)), "{mode:?}");
+        let state = opt.init_state(fixed(&g, 1.0)).unwrap();
+        let s1 = opt.update(&state, fixed(&g, 1.0)).unwrap();
+        // With deferred updates the first step's update is still pending here: it
+        // must not be lost with the step it would have ridden with.
+        assert!(is_invalid(&opt.update(&s1, bad)), "{mode:?}");
+        assert_eq!(
+            opt.download_params().unwrap(),
+            one_step(),
+            "{mode:?} {deferred}"
+        );
+        let s2 = opt.update(&s1, fixed(&g, 1.0)).unwrap();
+        assert_eq!(s2.iter_num, 2);
+        assert_ne!(opt.download_params().unwrap(), one_step());
+    }
+}

@@ -1,0 +1,375 @@
+//! Moving vectors between the host and the GPU: uploads and downloads of tensors,
+//! parameters, gradients and velocity in f32 or f64, converted to and from the
+//! storage type (f16, f32, f64); and the mapped reads every readback goes through.
+//! Nothing here is on a step's path but [`read_mapped`].
+
+use super::{ParamBuffers, Region, Segment};
+use crate::context::GpuContext;
+use crate::error::{Error, Result};
+use crate::layout::{TensorKey, TensorPlacement};
+use std::borrow::Cow;
+use std::sync::{Arc, Mutex};
+
+impl Region {
+    /// Reads elements `first..first + len` as `T` (submits and waits).
+    fn read<T: Elem>(&self, ctx: &GpuContext, first: usize, len: usize) -> Result<Vec<T>> {
+        let at = self.offset + first as u64 * self.elem;
+        let bytes = read_bytes(ctx, &self.buffer, at, len as u64 * self.elem)?;
+        Ok(T::from_bytes(&bytes, self.elem))
+    }
+
+    /// Queues `data` into elements `first..`, converted to the region's type (rounded
+    /// to nearest where it is narrower).
+    fn write<T: Elem>(&self, queue: &wgpu::Queue, first: usize, data: &[T]) {
+        let at = self.offset + first as u64 * self.elem;
+        queue.write_buffer(&self.buffer, at, &T::to_bytes(data, self.elem));
+    }
+}
+
+/// A host element type of the upload and download API (f32 or f64), converted to and
+/// from the storage type of a region: f16 (2 bytes), f32 (4) or f64 (8).
+pub(crate) trait Elem: Copy + bytemuck::Pod {
+    /// The value as f64 (exact).
+    fn to_f64(self) -> f64;
+    /// `v` rounded to this type.
+    fn from_f64(v: f64) -> Self;
+
+    /// Elements stored with `elem` bytes each, as `Self`.
+    fn from_bytes(bytes: &[u8], elem: u64) -> Vec<Self> {
+        match elem {
+            2 => bytemuck::pod_collect_to_vec::<u8, half::f16>(bytes)
+                .iter()
+                .map(|h| Self::from_f64(h.to_f64()))
+                .collect(),
+            4 if std::mem::size_of::<Self>() == 4 => bytemuck::pod_collect_to_vec(bytes),
+            4 => bytemuck::pod_collect_to_vec::<u8, f32>(bytes)
+                .iter()
+                .map(|&v| Self::from_f64(f64::from(v)))
+                .collect(),
+            _ if std::mem::size_of::<Self>() == 8 => bytemuck::pod_collect_to_vec(bytes),
+            _ => bytemuck::pod_collect_to_vec::<u8, f64>(bytes)
+                .iter()
+                .map(|&v| Self::from_f64(v))
+                .collect(),
+        }
+    }
+
+    /// `data` as elements of `elem` bytes: borrowed when they already are (no copy
+    /// of a large upload), converted otherwise.
+    fn to_bytes(data: &[Self], elem: u64) -> Cow<'_, [u8]> {
+        if elem as usize == std::mem::size_of::<Self>() {
+            return Cow::Borrowed(bytemuck::cast_slice(data));
+        }
+        Cow::Owned(match elem {
+            2 => data
+                .iter()
+                .flat_map(|v| half::f16::from_f64(v.to_f64()).to_le_bytes())
+                .collect(),
+            4 => data
+                .iter()
+                .flat_map(|v| (v.to_f64() as f32).to_le_bytes())
+                .collect(),
+            _ => data.iter().flat_map(|v| v.to_f64().to_le_bytes()).collect(),
+        })
+    }
+}
+
+impl Elem for f32 {
+    fn to_f64(self) -> f64 {
+        f64::from(self)
+    }
+    fn from_f64(v: f64) -> Self {
+        v as f32
+    }
+}
+
+impl Elem for f64 {
+    fn to_f64(self) -> f64 {
+        self
+    }
+    fn from_f64(v: f64) -> Self {
+        v
+    }
+}
+
+impl ParamBuffers {
+    fn check_len(what: &str, expected: usize, got: usize) -> Result<()> {
+        if expected != got {
+            return Err(Error::LengthMismatch {
+                what: what.to_string(),
+                expected,
+                got,
+            });
+        }
+        Ok(())
+    }
+
+    fn write_tensor<T: Elem>(
+        &self,
+        t: &TensorPlacement,
+        data: &[T],
+        pick: impl Fn(&Segment) -> Option<&Region>,
+    ) -> Result<()> {
+        self.flush(); // a deferred update must not land after this write
+        for p in &t.parts {
+            let r = pick(&self.segments[p.segment]).ok_or_else(no_velocity)?;
+            needs(&r.buffer, wgpu::BufferUsages::COPY_DST, &t.spec.name)?;
+            let src = &data[p.tensor_offset..p.tensor_offset + p.len];
+            r.write(self.ctx.queue(), p.offset, src);
+        }
+        Ok(())
+    }
+
+    fn read_tensor<T: Elem>(
+        &self,
+        t: &TensorPlacement,
+        pick: impl Fn(&Segment) -> Option<&Region>,
+    ) -> Result<Vec<T>> {
+        self.flush();
+        let mut out = Vec::with_capacity(t.spec.len());
+        for p in &t.parts {
+            match pick(&self.segments[p.segment]) {
+                Some(r) => {
+                    needs(&r.buffer, wgpu::BufferUsages::COPY_SRC, &t.spec.name)?;
+                    out.extend(r.read::<T>(&self.ctx, p.offset, p.len)?);
+                }
+                None => out.extend(std::iter::repeat_n(T::from_f64(0.0), p.len)),
+            }
+        }
+        Ok(out)
+    }
+
+    /// Uploads one tensor's parameters.
+    pub fn upload_tensor(&self, key: impl TensorKey, data: &[f32]) -> Result<()> {
+        let t = self.layout.tensor(key)?;
+        Self::check_len(&t.spec.name, t.spec.len(), data.len())?;
+        self.write_tensor(t, data, |s| Some(&s.params))
+    }
+
+    /// Downloads one tensor's parameters (allocates; not part of a step).
+    pub fn download_tensor(&self, key: impl TensorKey) -> Result<Vec<f32>> {
+        let t = self.layout.tensor(key)?;
+        self.read_tensor(t, |s| Some(&s.params))
+    }
+
+    /// Uploads all parameters, tensors concatenated in layout order.
+    pub fn upload_params(&self, data: &[f32]) -> Result<()> {
+        self.upload_flat(data, "parameters", |s| Some(&s.params))
+    }
+
+    /// Uploads the velocity, tensors concatenated in layout order (to resume a run;
+    /// an error when momentum is 0, which keeps no velocity).
+    pub fn upload_velocity(&self, data: &[f32]) -> Result<()> {
+        if !self.has_velocity() {
+            return Err(no_velocity());
+        }
+        self.upload_flat(data, "velocity", |s| s.velocity.as_ref())
+    }
+
+    /// Uploads one tensor's parameters or velocity (checkpoints).
+    pub(crate) fn upload_placed<T: Elem>(
+        &self,
+        t: &TensorPlacement,
+        velocity: bool,
+        data: &[T],
+    ) -> Result<()> {
+        Self::check_len(&t.spec.name, t.spec.len(), data.len())?;
+        if velocity {
+            self.write_tensor(t, data, |s| s.velocity.as_ref())
+        } else {
+            self.write_tensor(t, data, |s| Some(&s.params))
+        }
+    }
+
+    /// Downloads one tensor's parameters or velocity (checkpoints; a velocity is
+    /// zeros without momentum).
+    pub(crate) fn download_placed<T: Elem>(
+        &self,
+        t: &TensorPlacement,
+        velocity: bool,
+    ) -> Result<Vec<T>> {
+        if velocity {
+            self.read_tensor(t, |s| s.velocity.as_ref())
+        } else {
+            self.read_tensor(t, |s| Some(&s.params))
+        }
+    }
+
+    /// [`ParamBuffers::upload_params`] from f64 (exact for f64 parameters, rounded to
+    /// f32 otherwise).
+    pub fn upload_params_f64(&self, data: &[f64]) -> Result<()> {
+        self.upload_flat(data, "parameters", |s| Some(&s.params))
+    }
+
+    /// [`ParamBuffers::upload_grads`] from f64.
+    pub fn upload_grads_f64(&self, data: &[f64]) -> Result<()> {
+        self.upload_flat(data, "gradient", |s| Some(&s.grads))
+    }
+
+    /// [`ParamBuffers::download_params`] as f64 (exact whatever the precision).
+    pub fn download_params_f64(&self) -> Result<Vec<f64>> {
+        self.download_flat(|s| Some(&s.params))
+    }
+
+    /// [`ParamBuffers::download_velocity`] as f64.
+    pub fn download_velocity_f64(&self) -> Result<Option<Vec<f64>>> {
+        if !self.has_velocity() {
+            return Ok(None);
+        }
+        self.download_flat(|s| s.velocity.as_ref()).map(Some)
+    }
+
+    /// Uploads the whole gradient, tensors concatenated in layout order (the host
+    /// path for small problems; GPU objectives write the gradient buffers directly).
+    pub fn upload_grads(&self, data: &[f32]) -> Result<()> {
+        self.upload_flat(data, "gradient", |s| Some(&s.grads))
+    }
+
+    fn upload_flat<T: Elem>(
+        &self,
+        data: &[T],
+        what: &str,
+        pick: impl Fn(&Segment) -> Option<&Region> + Copy,
+    ) -> Result<()> {
+        Self::check_len(what, self.num_params(), data.len())?;
+        let mut at = 0;
+        for t in self.layout.tensors() {
+            let n = t.spec.len();
+            self.write_tensor(t, &data[at..at + n], pick)?;
+            at += n;
+        }
+        Ok(())
+    }
+
+    /// Downloads all parameters, tensors concatenated in layout order (rounded to
+    /// f32 with f64 parameters: [`ParamBuffers::download_params_f64`] is exact).
+    pub fn download_params(&self) -> Result<Vec<f32>> {
+        self.download_flat(|s| Some(&s.params))
+    }
+
+    /// Downloads the gradient.
+    pub fn download_grads(&self) -> Result<Vec<f32>> {
+        self.download_flat(|s| Some(&s.grads))
+    }
+
+    /// Downloads the velocity (`None` when momentum is 0).
+    pub fn download_velocity(&self) -> Result<Option<Vec<f32>>> {
+        if !self.has_velocity() {
+            return Ok(None);
+        }
+        self.download_flat(|s| s.velocity.as_ref()).map(Some)
+    }
+
+    /// Downloads a whole vector with one copy per segment (not one per tensor piece,
+    /// which would be hundreds of round trips for a many-tensor model).
+    fn download_flat<T: Elem>(&self, pick: impl Fn(&Segment) -> Option<&Region>) -> Result<Vec<T>> {
+        self.flush();
+        let mut segments = Vec::with_capacity(self.segments.len());
+        for (i, s) in self.segments.iter().enumerate() {
+            segments.push(match pick(s) {
+                Some(r) => {
+                    let owner = self
+                        .layout
+                        .tensors()
+                        .iter()
+                        .find(|t| t.parts.iter().any(|p| p.segment == i));
+                    needs(
+                        &r.buffer,
+                        wgpu::BufferUsages::COPY_SRC,
+                        owner.map_or("?", |t| &t.spec.name),
+                    )?;
+                    Some(r.read(&self.ctx, 0, s.len)?)
+                }
+                None => None,
+            });
+        }
+        let mut out = Vec::with_capacity(self.num_params());
+        for p in self.layout.tensors().iter().flat_map(|t| &t.parts) {
+            match &segments[p.segment] {
+                Some(v) => out.extend_from_slice(&v[p.offset..p.offset + p.len]),
+                None => out.extend(std::iter::repeat_n(T::from_f64(0.0), p.len)),
+            }
+        }
+        Ok(out)
+    }
+}
+
+fn no_velocity() -> Error {
+    Error::Tensor(
+        "velocity".into(),
+        "the optimizer keeps no velocity (momentum is 0)",
+    )
+}
+
+/// Errors unless `buffer` has `usage` (user buffers may lack the copy flags).
+fn needs(buffer: &wgpu::Buffer, usage: wgpu::BufferUsages, tensor: &str) -> Result<()> {
+    if buffer.usage().contains(usage) {
+        Ok(())
+    } else {
+        Err(Error::Registration {
+            tensor: tensor.to_string(),
+            reason: format!("its buffer lacks {usage:?} usage for this copy"),
+        })
+    }
+}
+
+/// Reads `size` bytes of `buffer` from `offset` (submits and waits).
+pub(crate) fn read_bytes(
+    ctx: &GpuContext,
+    buffer: &wgpu::Buffer,
+    offset: u64,
+    size: u64,
+) -> Result<Vec<u8>> {
+    let device = ctx.device();
+    let staging = device.create_buffer(&wgpu::BufferDescriptor {
+        label: Some("polyak download"),
+        size,
+        usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
+        mapped_at_creation: false,
+    });
+    let mut encoder = device.create_command_encoder(&Default::default());
+    encoder.copy_buffer_to_buffer(buffer, offset, &staging, 0, size);
+    ctx.queue().submit([encoder.finish()]);
+    read_mapped(ctx, &staging, &Arc::new(Mutex::new(None)), <[u8]>::to_vec)
+}
+
+/// Maps `staging` (MAP_READ) once the submitted work is done, hands its bytes to `f`
+/// and unmaps it. `slot` receives the map result; the step path passes one it keeps,
+/// so reading the loss and norm allocates nothing of ours.
+pub(crate) fn read_mapped<T>(
+    ctx: &GpuContext,
+    staging: &wgpu::Buffer,
+    slot: &Arc<Mutex<Option<bool>>>,
+    f: impl FnOnce(&[u8]) -> T,
+) -> Result<T> {
+    let set = |v| {
+        if let Ok(mut s) = slot.lock() {
+            *s = v;
+        }
+    };
+    set(None);
+    let callback_slot = Arc::clone(slot);
+    staging.slice(..).map_async(wgpu::MapMode::Read, move |r| {
+        if let Ok(mut s) = callback_slot.lock() {
+            *s = Some(r.is_ok());
+        }
+    });
+    if let Err(e) = ctx.wait() {
+        // Abort the map still pending (a timeout), so the buffer can take the next
+        // copy instead of failing wgpu's validation.
+        staging.unmap();
+        return Err(e);
+    }
+    if slot.lock().map(|s| *s).ok().flatten() != Some(true) {
+        return Err(Error::Device("mapping a readback buffer failed".into()));
+    }
+    let out = {
+        let view = staging
+            .slice(..)
+            .get_mapped_range()
+            .map_err(|e| Error::Device(e.to_string()))?;
+        f(&view)
+    };
+    staging.unmap();
+    Ok(out)
+}

@@ -116,7 +116,9 @@ fn f16_velocity_needs_the_shader_f16_feature() {
 #[test]
 fn an_f16_velocity_checkpoint_resumes_bit_for_bit_and_is_stored_as_f16() {
     let ctx = ctx_with_segments(4096);
-    let specs = [TensorSpec::new("a", &[3000]), TensorSpec::new("b", &[2000])];
+    // Odd lengths: an f16 tensor then ends in the middle of a 4-byte word, which
+    // every copy must still move whole.
+    let specs = [TensorSpec::new("a", &[3001]), TensorSpec::new("b", &[1999])];
     let dir = std::env::temp_dir().join(format!("polyak-f16-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let file = dir.join("v16.safetensors");
@@ -126,6 +128,13 @@ fn an_f16_velocity_checkpoint_resumes_bit_for_bit_and_is_stored_as_f16() {
         opt.upload_params(&random(seed, 5000)).unwrap();
         opt
     };
+    // A velocity uploaded comes back rounded to f16, and nothing else moves.
+    let up = fresh(479);
+    let v = random(478, 5000);
+    up.buffers().upload_velocity(&v).unwrap();
+    let rounded: Vec<f32> = v.iter().map(|&x| f16::from_f32(x).to_f32()).collect();
+    assert_eq!(up.download_velocity().unwrap().unwrap(), rounded);
+    assert_eq!(up.download_params().unwrap(), random(479, 5000));
     let step = |opt: &mut PolyakSgd, s: &State, k: usize| opt.update(s, fixed(&g[k], 1.0)).unwrap();
 
     let mut a = fresh(480);

@@ -13,16 +13,44 @@ use std::sync::{Arc, Mutex};
 impl Region {
     /// Reads elements `first..first + len` as `T` (submits and waits).
     fn read<T: Elem>(&self, ctx: &GpuContext, first: usize, len: usize) -> Result<Vec<T>> {
+        self.read_raw(ctx, first, len, |bytes| T::from_bytes(bytes, self.elem))
+    }
+
+    /// Hands the stored bytes of elements `first..first + len` to `f` (submits and
+    /// waits). Copies move whole 4-byte words: an odd count of f16 elements is read
+    /// with the next one, a zero of the padding that follows every tensor.
+    fn read_raw<T>(
+        &self,
+        ctx: &GpuContext,
+        first: usize,
+        len: usize,
+        f: impl FnOnce(&[u8]) -> T,
+    ) -> Result<T> {
         let at = self.offset + first as u64 * self.elem;
-        let bytes = read_bytes(ctx, &self.buffer, at, len as u64 * self.elem)?;
-        Ok(T::from_bytes(&bytes, self.elem))
+        let size = len as u64 * self.elem;
+        read_bytes_with(ctx, &self.buffer, at, size.next_multiple_of(4), |b| {
+            f(&b[..size as usize])
+        })
     }
 
     /// Queues `data` into elements `first..`, converted to the region's type (rounded
     /// to nearest where it is narrower).
     fn write<T: Elem>(&self, queue: &wgpu::Queue, first: usize, data: &[T]) {
+        self.write_raw(queue, first, &T::to_bytes(data, self.elem));
+    }
+
+    /// Queues `bytes`, elements of the region's type, into elements `first..`.
+    /// Writes move whole 4-byte words: an odd count of f16 elements is written with
+    /// a zero after it, into the padding that follows every tensor (which stays 0).
+    fn write_raw(&self, queue: &wgpu::Queue, first: usize, bytes: &[u8]) {
         let at = self.offset + first as u64 * self.elem;
-        queue.write_buffer(&self.buffer, at, &T::to_bytes(data, self.elem));
+        if bytes.len().is_multiple_of(4) {
+            queue.write_buffer(&self.buffer, at, bytes);
+        } else {
+            let mut padded = bytes.to_vec();
+            padded.resize(bytes.len().next_multiple_of(4), 0);
+            queue.write_buffer(&self.buffer, at, &padded);
+        }
     }
 }
 
@@ -320,6 +348,18 @@ pub(crate) fn read_bytes(
     offset: u64,
     size: u64,
 ) -> Result<Vec<u8>> {
+    read_bytes_with(ctx, buffer, offset, size, <[u8]>::to_vec)
+}
+
+/// Hands `size` bytes of `buffer` from `offset` to `f` (submits and waits), from
+/// a staging buffer made for the call.
+fn read_bytes_with<T>(
+    ctx: &GpuContext,
+    buffer: &wgpu::Buffer,
+    offset: u64,
+    size: u64,
+    f: impl FnOnce(&[u8]) -> T,
+) -> Result<T> {
     let device = ctx.device();
     let staging = device.create_buffer(&wgpu::BufferDescriptor {
         label: Some("polyak download"),
@@ -330,7 +370,7 @@ pub(crate) fn read_bytes(
     let mut encoder = device.create_command_encoder(&Default::default());
     encoder.copy_buffer_to_buffer(buffer, offset, &staging, 0, size);
     ctx.queue().submit([encoder.finish()]);
-    read_mapped(ctx, &staging, &Arc::new(Mutex::new(None)), <[u8]>::to_vec)
+    read_mapped(ctx, &staging, &Arc::new(Mutex::new(None)), f)
 }
 
 /// Maps `staging` (MAP_READ) once the submitted work is done, hands its bytes to `f`

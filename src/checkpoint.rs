@@ -2,18 +2,22 @@
 //! written atomically and read back bit for bit.
 //!
 //! Tensors are stored as `params/<name>` and `velocity/<name>` in the optimizer's own
-//! types (F32, F64, or F16 for an f16 velocity; the tensor's shape); the state goes in the header's metadata, its floats as their exact bits.
-//! The gradient is not stored: the next update evaluates the objective again.
+//! types (F32, F64, or F16 for an f16 velocity; the tensor's shape); the state goes
+//! in the header's metadata, its floats as their exact bits. The gradient is not
+//! stored: the next update evaluates the objective again. Saving holds one tensor's
+//! bytes on the host at a time; loading parses the header alone and reads the data
+//! in 64 MiB pieces.
 
-use crate::buffers::Elem;
 use crate::error::{Error, Result};
 use crate::layout::TensorPlacement;
 use crate::solver::PolyakSgd;
 use crate::state::State;
-use safetensors::tensor::{Dtype, SafeTensors, View};
+use safetensors::tensor::{Dtype, Metadata, View};
 use std::borrow::Cow;
 use std::cell::RefCell;
 use std::collections::HashMap;
+use std::fs::File;
+use std::io::{Read, Seek, SeekFrom};
 use std::path::Path;
 
 /// The `format` metadata entry of our checkpoints.
@@ -43,13 +47,13 @@ impl View for Lazy<'_> {
     }
 
     fn data(&self) -> Cow<'_, [u8]> {
-        // Downloaded as f64 (exact) and stored in the optimizer's own type (exact).
+        // The bytes as the optimizer stores them: exact, and on the host once.
         let got = self
             .opt
             .buffers()
-            .download_placed::<f64>(self.tensor, self.velocity);
+            .download_placed_bytes(self.tensor, self.velocity, self.elem());
         match got {
-            Ok(v) => Cow::Owned(f64::to_bytes(&v, self.elem()).into_owned()),
+            Ok(bytes) => Cow::Owned(bytes),
             Err(e) => {
                 self.failed.borrow_mut().get_or_insert(e);
                 Cow::Owned(vec![0; self.data_len()])
@@ -84,6 +88,42 @@ fn dtype_bytes(dtype: Dtype) -> Option<u64> {
     }
 }
 
+/// The longest header read (the safetensors crate's own limit): a corrupt length
+/// is an error, not an allocation of that size.
+const MAX_HEADER: u64 = 100_000_000;
+
+/// Reads the header of the safetensors file `file`: its metadata, which the crate
+/// checks (each tensor's byte range agrees with its dtype and shape, the ranges
+/// follow one another), and where the data starts; the data must be all there.
+fn read_header(file: &mut File, path: &Path) -> Result<(u64, Metadata)> {
+    let len = file.metadata().map_err(|e| io(path, e))?.len();
+    let mut n = [0u8; 8];
+    file.read_exact(&mut n)
+        .map_err(|e| io(path, format!("no safetensors header: {e}")))?;
+    let n = u64::from_le_bytes(n);
+    if n > MAX_HEADER || n > len - 8 {
+        return Err(io(
+            path,
+            format!("a header of {n} bytes in a file of {len} (not a safetensors file?)"),
+        ));
+    }
+    let mut header = vec![0u8; n as usize];
+    file.read_exact(&mut header).map_err(|e| io(path, e))?;
+    let meta: Metadata =
+        serde_json::from_slice(&header).map_err(|e| io(path, format!("header: {e}")))?;
+    let data = len - 8 - n;
+    if meta.data_len() as u64 != data {
+        return Err(io(
+            path,
+            format!(
+                "{data} bytes of tensor data where the header says {} (truncated?)",
+                meta.data_len()
+            ),
+        ));
+    }
+    Ok((8 + n, meta))
+}
+
 fn bits(x: f64) -> String {
     format!("{:#018x}", x.to_bits())
 }
@@ -99,7 +139,7 @@ impl PolyakSgd {
     /// Writes the parameters, the velocity and `state` (not its `aux`) to `path` as a
     /// safetensors file. Atomic: the file is written beside `path`, flushed to disk
     /// and renamed over it, so `path` holds either the old checkpoint or the new one,
-    /// whole. One tensor at a time crosses to the host.
+    /// whole. One tensor at a time crosses to the host, in its stored type.
     ///
     /// ```no_run
     /// # use polyak_gpu::{GpuContext, PolyakConfig, PolyakSgd, Loss};
@@ -185,12 +225,13 @@ impl PolyakSgd {
     /// with the same tensors (names, shapes, with or without momentum), uploads its
     /// parameters and velocity, and returns its state (with `aux = ()`; see
     /// [`State::with_aux`]). Everything is checked before anything is uploaded: a
-    /// file that does not fit leaves the optimizer as it was. The file is read whole.
+    /// file that does not fit leaves the optimizer as it was. The file is read in
+    /// pieces of 64 MiB, whatever the model's size; only an error of the disk itself
+    /// midway would leave some tensors loaded.
     pub fn load_checkpoint(&mut self, path: impl AsRef<Path>) -> Result<State<()>> {
         let path = path.as_ref();
-        let bytes = std::fs::read(path).map_err(|e| io(path, e))?;
-        let file = SafeTensors::deserialize(&bytes).map_err(|e| io(path, e))?;
-        let (_, header) = SafeTensors::read_metadata(&bytes).map_err(|e| io(path, e))?;
+        let mut file = File::open(path).map_err(|e| io(path, e))?;
+        let (data_start, header) = read_header(&mut file, path)?;
         let empty = HashMap::new();
         let meta = header.metadata().as_ref().unwrap_or(&empty);
         let entry = |key: &str| {
@@ -234,7 +275,7 @@ impl PolyakSgd {
         }
         let mut found = Vec::with_capacity(wanted.len());
         for (key, t, velocity) in &wanted {
-            let view = file.tensor(key).map_err(|_| {
+            let info = header.info(key).ok_or_else(|| {
                 io(
                     path,
                     format!(
@@ -248,27 +289,30 @@ impl PolyakSgd {
                 )
             })?;
             // Any float dtype converts to the optimizer's (exactly from its own).
-            let Some(bytes) = dtype_bytes(view.dtype()) else {
-                return Err(io(path, format!("tensor {key:?} is {:?}", view.dtype())));
+            let Some(bytes) = dtype_bytes(info.dtype) else {
+                return Err(io(path, format!("tensor {key:?} is {:?}", info.dtype)));
             };
-            if view.shape() != t.spec.shape.as_slice() {
+            if info.shape != t.spec.shape {
                 return Err(io(
                     path,
                     format!(
                         "tensor {key:?} is {:?} {:?}, the optimizer's is {:?}",
-                        view.dtype(),
-                        view.shape(),
-                        t.spec.shape
+                        info.dtype, info.shape, t.spec.shape
                     ),
                 ));
             }
-            found.push((*t, *velocity, bytes, view.data()));
+            found.push((
+                *t,
+                *velocity,
+                bytes,
+                data_start + info.data_offsets.0 as u64,
+            ));
         }
-        if file.len() != wanted.len() {
-            let extra: Vec<_> = file
-                .names()
-                .into_iter()
-                .filter(|n| !wanted.iter().any(|(k, _, _)| k == n))
+        let names = header.tensors();
+        if names.len() != wanted.len() {
+            let extra: Vec<_> = names
+                .keys()
+                .filter(|n| !wanted.iter().any(|(k, _, _)| k == *n))
                 .collect();
             return Err(io(
                 path,
@@ -276,10 +320,14 @@ impl PolyakSgd {
             ));
         }
 
-        for (t, velocity, bytes, data) in found {
-            // The file's bytes need not be aligned for their type.
-            let values = f64::from_bytes(data, bytes);
-            self.buffers().upload_placed(t, velocity, &values)?;
+        let mut queued = 0;
+        for (t, velocity, bytes, start) in found {
+            self.buffers()
+                .upload_placed_from(t, velocity, bytes, &mut queued, |at, buf| {
+                    file.seek(SeekFrom::Start(start + at))
+                        .and_then(|_| file.read_exact(buf))
+                        .map_err(|e| io(path, e))
+                })?;
         }
         Ok(state)
     }

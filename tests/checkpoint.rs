@@ -4,8 +4,8 @@ mod common;
 
 use common::{ctx_with_segments, random, sqnorm};
 use polyak_gpu::{
-    Error, Evaluation, GpuContext, Loss, NonFinitePolicy, PolyakConfig, PolyakSgd, State,
-    TensorSpec,
+    Error, Evaluation, GpuContext, Loss, NonFinitePolicy, ParamDtype, PolyakConfig, PolyakSgd,
+    State, TensorSpec, VelocityDtype,
 };
 use std::path::PathBuf;
 
@@ -172,8 +172,21 @@ fn a_checkpoint_that_does_not_fit_is_an_error_and_changes_nothing() {
     let bytes = std::fs::read(&good).unwrap();
     let cut = d.join("cut.safetensors");
     std::fs::write(&cut, &bytes[..bytes.len() - 5]).unwrap();
-    reason(target.load_checkpoint(&cut));
+    assert!(reason(target.load_checkpoint(&cut)).contains("truncated"));
     reason(target.load_checkpoint(d.join("missing.safetensors")));
+    // too short for a header, a header length past the file (no allocation of
+    // it), a header that is not JSON, bytes past the data
+    let not_json = [8u64.to_le_bytes().to_vec(), b"not json".to_vec()].concat();
+    for (name, content) in [
+        ("short", vec![1u8, 2, 3]),
+        ("huge", u64::MAX.to_le_bytes().to_vec()),
+        ("json", not_json),
+        ("tail", [bytes.clone(), vec![0; 4]].concat()),
+    ] {
+        let f = d.join(format!("{name}.safetensors"));
+        std::fs::write(&f, content).unwrap();
+        reason(target.load_checkpoint(&f));
+    }
     let foreign = d.join("foreign.safetensors");
     let data = [0u8; 8];
     let view = safetensors::tensor::TensorView::new(safetensors::Dtype::F32, vec![2], &data);
@@ -195,4 +208,46 @@ fn a_checkpoint_that_does_not_fit_is_an_error_and_changes_nothing() {
         &target.download_params().unwrap(),
         &source.download_params().unwrap()
     ));
+}
+
+#[test]
+fn a_checkpoint_of_another_precision_loads_rounded_to_nearest() {
+    let ctx = ctx_with_segments(4096);
+    let d = dir("precision");
+    let cfg = PolyakConfig::default().momentum(0.5);
+    let n = specs().iter().map(|t| t.len()).sum::<usize>();
+    let file = d.join("x.safetensors");
+    let s = State::initial(());
+
+    // f32 velocity into an f16 one: rounded to f16, the parameters exact.
+    let (p, v) = (random(31, n), random(32, n));
+    let src = model(&ctx, cfg.clone(), 31);
+    src.buffers().upload_velocity(&v).unwrap();
+    src.save_checkpoint(&s, &file).unwrap();
+    let half_cfg = cfg.clone().velocity_dtype(VelocityDtype::F16);
+    let mut dst = model(&ctx, half_cfg, 33);
+    dst.load_checkpoint(&file).unwrap();
+    assert_eq!(dst.download_params().unwrap(), p);
+    let v16: Vec<f32> = v.iter().map(|&x| half::f16::from_f32(x).to_f32()).collect();
+    assert_eq!(dst.download_velocity().unwrap().unwrap(), v16);
+
+    // f64 parameters into f32 ones: rounded to nearest, not truncated.
+    let wide = PolyakSgd::with_tensors(&ctx, cfg.clone().dtype(ParamDtype::F64), &specs());
+    let Ok(wide) = wide else {
+        return; // an adapter without SHADER_F64
+    };
+    // Three quarters of an f32 step away from zero: rounds to the next f32, where
+    // truncation would give back `p`.
+    let next = |x: f32| f32::from_bits(x.to_bits() + 1);
+    let p64: Vec<f64> = p
+        .iter()
+        .map(|&x| f64::from(x) + 0.75 * (f64::from(next(x)) - f64::from(x)))
+        .collect();
+    wide.buffers().upload_params_f64(&p64).unwrap();
+    wide.save_checkpoint(&s, &file).unwrap();
+    let mut narrow = model(&ctx, cfg, 34);
+    narrow.load_checkpoint(&file).unwrap();
+    let got = narrow.download_params().unwrap();
+    let want: Vec<f32> = p.iter().map(|&x| next(x)).collect();
+    assert!(got == want, "f64 -> f32 not rounded to nearest");
 }

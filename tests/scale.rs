@@ -432,3 +432,31 @@ fn a_model_larger_than_the_adapters_memory_is_an_error_not_a_crash() {
     // and a model that fits is built and steps as before
     two_steps(&ctx, 1000, 0.9, 6);
 }
+
+#[test]
+fn a_checkpoint_larger_than_its_copy_chunks_round_trips_bit_for_bit() {
+    // 2^25 + 3 parameters with momentum: 128 MiB a vector, so saving and loading
+    // go through several 64 MiB copies per vector, and (with lavapipe's 2^25-element
+    // bindings) across a segment boundary.
+    let ctx = ctx();
+    let n = (1 << 25) + 3;
+    let cfg = PolyakConfig::default().momentum(0.9);
+    let spec = [TensorSpec::new("w", &[n])];
+    let src = PolyakSgd::with_tensors(&ctx, cfg.clone(), &spec).unwrap();
+    let (p, v) = (random(61, n), random(62, n));
+    src.upload_params(&p).unwrap();
+    src.buffers().upload_velocity(&v).unwrap();
+    let file = std::env::temp_dir().join(format!("polyak-big-{}.safetensors", std::process::id()));
+    let state = polyak_gpu::State::initial(());
+    src.save_checkpoint(&state, &file).unwrap();
+    drop(src);
+    let mut dst = PolyakSgd::with_tensors(&ctx, cfg, &spec).unwrap();
+    assert_eq!(dst.load_checkpoint(&file).unwrap(), state);
+    let _ = std::fs::remove_file(&file);
+    let bits = |x: &[f32]| x.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
+    assert!(bits(&dst.download_params().unwrap()) == bits(&p), "params");
+    assert!(
+        bits(&dst.download_velocity().unwrap().unwrap()) == bits(&v),
+        "velocity"
+    );
+}

@@ -194,33 +194,84 @@ impl ParamBuffers {
         self.upload_flat(data, "velocity", |s| s.velocity.as_ref())
     }
 
-    /// Uploads one tensor's parameters or velocity (checkpoints).
-    pub(crate) fn upload_placed<T: Elem>(
-        &self,
-        t: &TensorPlacement,
-        velocity: bool,
-        data: &[T],
-    ) -> Result<()> {
-        Self::check_len(&t.spec.name, t.spec.len(), data.len())?;
+    /// The region of segment `segment` holding the parameters or the velocity.
+    fn region(&self, segment: usize, velocity: bool) -> Option<&Region> {
+        let s = &self.segments[segment];
         if velocity {
-            self.write_tensor(t, data, |s| s.velocity.as_ref())
+            s.velocity.as_ref()
         } else {
-            self.write_tensor(t, data, |s| Some(&s.params))
+            Some(&s.params)
         }
     }
 
-    /// Downloads one tensor's parameters or velocity (checkpoints; a velocity is
-    /// zeros without momentum).
-    pub(crate) fn download_placed<T: Elem>(
+    /// One tensor's parameters or velocity as stored (`elem` bytes an element: f16,
+    /// f32 or f64), read in copies of at most [`CHUNK_BYTES`] into one vector that
+    /// checkpoints write as it is: the tensor's bytes are on the host once,
+    /// unconverted, beside one chunk of staging memory.
+    pub(crate) fn download_placed_bytes(
         &self,
         t: &TensorPlacement,
         velocity: bool,
-    ) -> Result<Vec<T>> {
-        if velocity {
-            self.read_tensor(t, |s| s.velocity.as_ref())
-        } else {
-            self.read_tensor(t, |s| Some(&s.params))
+        elem: u64,
+    ) -> Result<Vec<u8>> {
+        self.flush();
+        let mut out = Vec::with_capacity(t.spec.len() * elem as usize);
+        for p in &t.parts {
+            let Some(r) = self.region(p.segment, velocity) else {
+                out.resize(out.len() + p.len * elem as usize, 0);
+                continue;
+            };
+            needs(&r.buffer, wgpu::BufferUsages::COPY_SRC, &t.spec.name)?;
+            for (first, len) in chunks(p.len, r.elem) {
+                r.read_raw(&self.ctx, p.offset + first, len, |b| {
+                    out.extend_from_slice(b)
+                })?;
+            }
         }
+        Ok(out)
+    }
+
+    /// Uploads one tensor's parameters or velocity from elements of `elem` bytes
+    /// (f16, f32 or f64) that `read(byte offset in the tensor, buffer)` provides, in
+    /// pieces of at most [`CHUNK_BYTES`] (checkpoints, which read a file): as they
+    /// are where the storage type matches, converted otherwise. `queued` counts the
+    /// bytes written since the last wait; past [`CHUNK_BYTES`] the writes are
+    /// submitted and waited for, so their staging memory stays bounded however
+    /// large the model.
+    pub(crate) fn upload_placed_from(
+        &self,
+        t: &TensorPlacement,
+        velocity: bool,
+        elem: u64,
+        queued: &mut u64,
+        mut read: impl FnMut(u64, &mut [u8]) -> Result<()>,
+    ) -> Result<()> {
+        self.flush(); // a deferred update must not land after this write
+        let mut buf = Vec::new();
+        for p in &t.parts {
+            let r = self.region(p.segment, velocity).ok_or_else(no_velocity)?;
+            needs(&r.buffer, wgpu::BufferUsages::COPY_DST, &t.spec.name)?;
+            for (first, len) in chunks(p.len, elem.max(r.elem)) {
+                buf.resize(len * elem as usize, 0);
+                read((p.tensor_offset + first) as u64 * elem, &mut buf)?;
+                if elem == r.elem {
+                    r.write_raw(self.ctx.queue(), p.offset + first, &buf);
+                } else {
+                    r.write(
+                        self.ctx.queue(),
+                        p.offset + first,
+                        &f64::from_bytes(&buf, elem),
+                    );
+                }
+                *queued += (len as u64) * r.elem;
+                if *queued >= CHUNK_BYTES {
+                    self.ctx.queue().submit([]);
+                    self.ctx.wait()?;
+                    *queued = 0;
+                }
+            }
+        }
+        Ok(())
     }
 
     /// [`ParamBuffers::upload_params`] from f64 (exact for f64 parameters, rounded to
@@ -320,6 +371,19 @@ impl ParamBuffers {
         }
         Ok(out)
     }
+}
+
+/// The most bytes one checkpoint copy moves between the host and the GPU: a bound
+/// on the staging memory beside the tensor being saved or loaded.
+pub(crate) const CHUNK_BYTES: u64 = 64 << 20;
+
+/// `(first, len)` pieces of `len` elements of `elem` bytes, each at most
+/// [`CHUNK_BYTES`] long and starting on an even element (a 4-byte boundary for f16).
+fn chunks(len: usize, elem: u64) -> impl Iterator<Item = (usize, usize)> {
+    let step = (CHUNK_BYTES / elem) as usize;
+    (0..len)
+        .step_by(step)
+        .map(move |first| (first, step.min(len - first)))
 }
 
 fn no_velocity() -> Error {

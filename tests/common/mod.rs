@@ -331,12 +331,7 @@ impl GpuQuadratic {
 
     pub fn eval(&self, ev: &mut Evaluation<'_>) -> polyak_gpu::Result<(Loss, ())> {
         let mut pass = ev.encoder().begin_compute_pass(&Default::default());
-        pass.set_pipeline(&self.grad);
-        for (bg, groups) in &self.pieces {
-            pass.set_bind_group(0, bg, &[]);
-            let x = (*groups).min(65_535);
-            pass.dispatch_workgroups(x, groups.div_ceil(x), 1);
-        }
+        self.grad_pass(&mut pass);
         pass.set_pipeline(&self.total);
         pass.set_bind_group(0, &self.total_group, &[]);
         pass.dispatch_workgroups(1, 1, 1);
@@ -346,13 +341,17 @@ impl GpuQuadratic {
     /// A faulty evaluation: writes the gradient (and norm partials) but not the
     /// loss it reports as `Loss::Device`.
     pub fn eval_without_loss(&self, ev: &mut Evaluation<'_>) -> polyak_gpu::Result<(Loss, ())> {
-        let mut pass = ev.encoder().begin_compute_pass(&Default::default());
+        self.grad_pass(&mut ev.encoder().begin_compute_pass(&Default::default()));
+        Ok((Loss::Device, ()))
+    }
+
+    /// Records the gradient kernel over every piece.
+    fn grad_pass(&self, pass: &mut wgpu::ComputePass<'_>) {
         pass.set_pipeline(&self.grad);
         for (bg, groups) in &self.pieces {
             pass.set_bind_group(0, bg, &[]);
             let x = (*groups).min(65_535);
             pass.dispatch_workgroups(x, groups.div_ceil(x), 1);
         }
-        Ok((Loss::Device, ()))
     }
 }

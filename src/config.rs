@@ -41,6 +41,7 @@ impl fmt::Display for Variant {
 /// is NaN or infinite. This is checked before the update runs: on the CPU under
 /// [`StepSizeMode::Host`], on the GPU under [`StepSizeMode::Device`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[non_exhaustive]
 pub enum NonFinitePolicy {
     /// Refuse the step with [`Error::NonFinite`]; parameters and velocity stay as they
     /// were. The default: a NaN never reaches the parameters through this optimizer.
@@ -81,6 +82,7 @@ pub enum StepSizeMode {
 /// The precision of the parameters, the gradient, the velocity and the step-size
 /// arithmetic on the GPU. Not a jaxopt option (jaxopt follows the parameters' dtype).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[non_exhaustive]
 pub enum ParamDtype {
     /// f32: jaxopt's float32 path. The default.
     #[default]
@@ -114,6 +116,7 @@ impl ParamDtype {
 
 /// How the velocity is stored (momentum only). Not a jaxopt option.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[non_exhaustive]
 pub enum VelocityDtype {
     /// The parameters' precision (f32, or f64 with [`ParamDtype::F64`]): with f32, 24
     /// bytes of traffic per parameter and step. The default.

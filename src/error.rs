@@ -3,8 +3,11 @@
 /// Everything a caller of this crate can get wrong, or that the device can refuse.
 ///
 /// No public function panics on bad input: it returns one of these instead, and
-/// leaves the parameters and the velocity on the GPU exactly as they were.
+/// leaves the parameters and the velocity on the GPU exactly as they were (a
+/// [`Error::Timeout`] says where work already queued may still change them).
+/// New kinds of error may come in later versions: match with a `_` arm.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum Error {
     /// No wgpu adapter matched the request.
     #[error(

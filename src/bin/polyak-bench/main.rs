@@ -188,9 +188,9 @@ fn time_steps(
 ) -> Result<Vec<f64>> {
     let mode = opt.config().stepsize_mode;
     // The loss a GPU objective writes into the slot, in the parameters' type.
-    let loss: Vec<u8> = match opt.config().dtype {
-        ParamDtype::F32 => bytemuck::bytes_of(&0.5f32).to_vec(),
-        ParamDtype::F64 => bytemuck::bytes_of(&0.5f64).to_vec(),
+    let loss: Vec<u8> = match opt.config().dtype.bytes() {
+        8 => bytemuck::bytes_of(&0.5f64).to_vec(),
+        _ => bytemuck::bytes_of(&0.5f32).to_vec(),
     };
     let loss = opt
         .context()

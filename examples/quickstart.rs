@@ -165,5 +165,10 @@ fn main() -> Result<()> {
         state.error,
         err
     );
+    // The problem is consistent (b = A x_true): the run must have found x_true.
+    if err > 1e-2 {
+        eprintln!("did not converge: |x - x_true| = {err:e}");
+        std::process::exit(1);
+    }
     Ok(())
 }

@@ -1,0 +1,163 @@
+//! Random configurations against f64 arithmetic: layouts of odd lengths, single
+//! elements and scalars over small segments, f32 or f64 parameters, f16 velocity,
+//! momentum or none, both variants and both step-size modes; every step checked on
+//! its own, and a checkpoint taken midway resumed bit for bit in a fresh optimizer.
+
+mod common;
+
+use common::ctx_with_segments;
+use polyak_gpu::conformance::SplitMix64;
+use polyak_gpu::{
+    Evaluation, Loss, ParamDtype, PolyakConfig, PolyakSgd, Precision, State, StepSizeMode,
+    TensorSpec, Variant, VelocityDtype, polyak_stepsize,
+};
+
+/// A random model and configuration.
+fn draw(rng: &mut SplitMix64) -> (Vec<TensorSpec>, PolyakConfig, usize) {
+    let mut pick = |n: u64| (rng.next_u64() % n) as usize;
+    let specs = (0..1 + pick(5))
+        .map(|i| {
+            let dims = pick(3); // 0 dims: a scalar
+            let shape: Vec<usize> = (0..dims).map(|_| 1 + pick(40)).collect();
+            TensorSpec::new(format!("t{i}"), &shape)
+        })
+        .collect();
+    let momentum = [0.0, 0.5, 0.9][pick(3)];
+    let dtype = [ParamDtype::F32, ParamDtype::F32, ParamDtype::F64][pick(3)];
+    let velocity = if dtype == ParamDtype::F32 && pick(2) == 0 {
+        VelocityDtype::F16
+    } else {
+        VelocityDtype::Full
+    };
+    let cfg = PolyakConfig::default()
+        .momentum(momentum)
+        .dtype(dtype)
+        .velocity_dtype(velocity)
+        .stepsize_mode([StepSizeMode::Host, StepSizeMode::Device][pick(2)])
+        .variant([Variant::SpsMax, Variant::SpsMax, Variant::SpsPlus][pick(3)])
+        .fun_min(-1.0)
+        .max_stepsize([1e6, 0.05][pick(2)])
+        .delta([0.0, 0.1][pick(2)]);
+    (specs, cfg, [64, 256, 1 << 20][pick(3)])
+}
+
+/// Parameters and velocity as f64 (exact whatever the storage type).
+fn vectors(opt: &PolyakSgd) -> (Vec<f64>, Vec<f64>) {
+    let b = opt.buffers();
+    let p = b.download_params_f64().unwrap();
+    let v = b
+        .download_velocity_f64()
+        .unwrap()
+        .unwrap_or_else(|| vec![0.0; p.len()]);
+    (p, v)
+}
+
+/// A host objective writing `g` (rounded to f32 for f32 parameters).
+fn objective(
+    g: &[f64],
+    value: f64,
+    f64_params: bool,
+) -> impl Fn(&mut Evaluation<'_>) -> polyak_gpu::Result<(Loss, ())> + '_ {
+    move |ev| {
+        if f64_params {
+            ev.write_grads_f64(g)?;
+        } else {
+            ev.write_grads(&g.iter().map(|&x| x as f32).collect::<Vec<_>>())?;
+        }
+        Ok((Loss::Host(value), ()))
+    }
+}
+
+/// One update from what the GPU holds, checked against f64 arithmetic.
+fn checked_step(opt: &mut PolyakSgd, state: &State, rng: &mut SplitMix64, what: &str) -> State {
+    let cfg = opt.config().clone();
+    let wide = cfg.dtype == ParamDtype::F64;
+    let n = opt.buffers().num_params();
+    let (p0, v0) = vectors(opt);
+    let g: Vec<f64> = (0..n)
+        .map(|_| {
+            let x = rng.upm1();
+            if wide { x } else { f64::from(x as f32) }
+        })
+        .collect();
+    let value = rng.u01() * 2.0;
+    let next = opt.update(state, objective(&g, value, wide)).unwrap();
+    let (eps, precision) = if wide {
+        (f64::EPSILON, Precision::F64)
+    } else {
+        (f64::from(f32::EPSILON), Precision::F32)
+    };
+    let sq: f64 = g.iter().map(|x| x * x).sum();
+    let rel = |a: f64, b: f64| (a - b).abs() / b.abs().max(1e-30);
+    assert!(
+        rel(next.error * next.error, sq) <= 64.0 * eps,
+        "{what}: norm {next:?} vs {sq}"
+    );
+    let rule = polyak_stepsize(value, sq, &cfg, precision);
+    assert!(
+        rel(next.stepsize, rule) <= 64.0 * eps,
+        "{what}: step {next:?} vs {rule}"
+    );
+    let (p1, v1) = vectors(opt);
+    let (m, s) = (cfg.momentum, next.stepsize);
+    let half = cfg.velocity_dtype == VelocityDtype::F16;
+    for i in 0..n {
+        let v = m * v0[i] - s * g[i];
+        let scale = p0[i].abs() + (m * v0[i]).abs() + (s * g[i]).abs() + 1e-30;
+        assert!(
+            (p1[i] - (p0[i] + v)).abs() <= 4.0 * eps * scale,
+            "{what}: p[{i}] {} vs {}",
+            p1[i],
+            p0[i] + v
+        );
+        if m != 0.0 {
+            // f16 keeps 11 significant bits; below 2^-14 its step is 2^-24.
+            let tol = if half {
+                2f64.powi(-11) * v.abs() + 2f64.powi(-25) + 4.0 * eps * scale
+            } else {
+                4.0 * eps * scale
+            };
+            assert!((v1[i] - v).abs() <= tol, "{what}: v[{i}] {} vs {v}", v1[i]);
+        }
+    }
+    next
+}
+
+#[test]
+fn random_configurations_match_f64_step_by_step_and_resume_bit_for_bit() {
+    let mut rng = SplitMix64::new(2026);
+    for case in 0..24 {
+        let (specs, cfg, segment) = draw(&mut rng);
+        let what = format!("case {case}: {cfg:?}, segments of {segment}, {specs:?}");
+        let ctx = ctx_with_segments(segment);
+        let build = || PolyakSgd::with_tensors(&ctx, cfg.clone(), &specs).unwrap();
+        let mut opt = build();
+        let n = opt.buffers().num_params();
+        let p: Vec<f64> = (0..n).map(|_| rng.upm1()).collect();
+        opt.buffers().upload_params_f64(&p).unwrap();
+        let g0: Vec<f64> = (0..n).map(|_| rng.upm1()).collect();
+        let wide = cfg.dtype == ParamDtype::F64;
+        let mut state = opt.init_state(objective(&g0, 1.0, wide)).unwrap();
+        for _ in 0..2 {
+            state = checked_step(&mut opt, &state, &mut rng, &what);
+        }
+        let file = std::env::temp_dir().join(format!(
+            "polyak-random-{}-{case}.safetensors",
+            std::process::id()
+        ));
+        opt.save_checkpoint(&state, &file).unwrap();
+        let mut resumed = build();
+        let resumed_state = resumed.load_checkpoint(&file).unwrap();
+        let _ = std::fs::remove_file(&file);
+        assert_eq!(resumed_state, state, "{what}");
+        // The same last step on both: the same bits.
+        let mut twin = rng.clone();
+        state = checked_step(&mut opt, &state, &mut rng, &what);
+        let again = checked_step(&mut resumed, &resumed_state, &mut twin, &what);
+        assert_eq!(again, state, "{what}");
+        let bits = |(p, v): (Vec<f64>, Vec<f64>)| {
+            (p.iter().chain(&v).map(|x| x.to_bits())).collect::<Vec<_>>()
+        };
+        assert!(bits(vectors(&opt)) == bits(vectors(&resumed)), "{what}");
+    }
+}

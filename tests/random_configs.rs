@@ -8,8 +8,8 @@ mod common;
 use common::ctx_with_segments;
 use polyak_gpu::conformance::SplitMix64;
 use polyak_gpu::{
-    Evaluation, Loss, ParamDtype, PolyakConfig, PolyakSgd, Precision, State, StepSizeMode,
-    TensorSpec, Variant, VelocityDtype, polyak_stepsize,
+    Evaluation, Loss, NonFinitePolicy, ParamDtype, PolyakConfig, PolyakSgd, Precision, State,
+    StepSizeMode, TensorSpec, Variant, VelocityDtype, polyak_stepsize,
 };
 
 /// A random model and configuration.
@@ -159,5 +159,53 @@ fn random_configurations_match_f64_step_by_step_and_resume_bit_for_bit() {
             (p.iter().chain(&v).map(|x| x.to_bits())).collect::<Vec<_>>()
         };
         assert!(bits(vectors(&opt)) == bits(vectors(&resumed)), "{what}");
+    }
+}
+
+#[test]
+fn random_pipelined_runs_equal_waiting_every_step() {
+    // Device step size in every drawn configuration, batches of which some give a
+    // NaN loss, under Refuse or Skip: run_iterator submitting 2..9 steps per wait
+    // ends exactly where waiting every step ends (state, error, every bit).
+    let mut rng = SplitMix64::new(7);
+    for case in 0..12 {
+        let (specs, cfg, segment) = draw(&mut rng);
+        let policy = [NonFinitePolicy::Refuse, NonFinitePolicy::Skip][case % 2];
+        let cfg = cfg
+            .stepsize_mode(StepSizeMode::Device)
+            .nonfinite(policy)
+            .maxiter(12);
+        let k = 2 + (rng.next_u64() % 8) as usize;
+        let what = format!("case {case}: sync_every {k}, {cfg:?}, {segment}, {specs:?}");
+        let ctx = ctx_with_segments(segment);
+        let wide = cfg.dtype == ParamDtype::F64;
+        let n: usize = specs.iter().map(|t| t.len()).sum();
+        let p: Vec<f64> = (0..n).map(|_| rng.upm1()).collect();
+        let grads: Vec<Vec<f64>> = (0..13)
+            .map(|_| (0..n).map(|_| rng.upm1()).collect())
+            .collect();
+        let bad = 1 + (rng.next_u64() % 12) as usize;
+        let outcome = |sync_every: usize| {
+            let cfg = cfg.clone().sync_every(sync_every);
+            let mut opt = PolyakSgd::with_tensors(&ctx, cfg, &specs).unwrap();
+            opt.buffers().upload_params_f64(&p).unwrap();
+            let batch = |ev: &mut Evaluation<'_>, b: &usize| {
+                let value = if *b == bad {
+                    f64::NAN
+                } else {
+                    1.0 / (1 + b) as f64
+                };
+                objective(&grads[*b], value, wide)(ev)
+            };
+            let state = opt.run_iterator(batch, 0..13).map_err(|e| format!("{e:?}"));
+            (state, vectors(&opt))
+        };
+        let (s1, v1) = outcome(1);
+        let (s, v) = outcome(k);
+        assert_eq!(s, s1, "{what}");
+        let bits = |(p, v): &(Vec<f64>, Vec<f64>)| {
+            p.iter().chain(v).map(|x| x.to_bits()).collect::<Vec<_>>()
+        };
+        assert!(bits(&v) == bits(&v1), "{what}");
     }
 }

@@ -141,17 +141,22 @@ impl PolyakSgd {
     /// and renamed over it, so `path` holds either the old checkpoint or the new one,
     /// whole. One tensor at a time crosses to the host, in its stored type.
     ///
-    /// ```no_run
+    /// ```
     /// # use polyak_gpu::{GpuContext, PolyakConfig, PolyakSgd, Loss};
     /// # let ctx = GpuContext::new()?;
+    /// # let path = std::env::temp_dir().join(format!("doc-{}.safetensors", std::process::id()));
     /// let mut opt = PolyakSgd::new(&ctx, PolyakConfig::default().momentum(0.9), &[1.0; 8])?;
     /// # let f = |ev: &mut polyak_gpu::Evaluation<'_>| { ev.write_grads(&[1.0; 8])?; Ok((Loss::Host(1.0), ())) };
     /// let state = opt.init_state(f)?;
     /// let state = opt.update(&state, f)?;
-    /// opt.save_checkpoint(&state, "run.safetensors")?;
+    /// opt.save_checkpoint(&state, &path)?;
     /// // later, in an optimizer built the same way:
-    /// let state = opt.load_checkpoint("run.safetensors")?;
-    /// let state = opt.update(&state, f)?; // as if never interrupted
+    /// let mut resumed = PolyakSgd::new(&ctx, PolyakConfig::default().momentum(0.9), &[0.0; 8])?;
+    /// let state = resumed.load_checkpoint(&path)?;
+    /// assert_eq!(resumed.download_params()?, opt.download_params()?);
+    /// let state = resumed.update(&state, f)?; // as if never interrupted
+    /// assert_eq!(state.iter_num, 2);
+    /// # std::fs::remove_file(&path).ok();
     /// # Ok::<(), polyak_gpu::Error>(())
     /// ```
     pub fn save_checkpoint<A>(&self, state: &State<A>, path: impl AsRef<Path>) -> Result<()> {

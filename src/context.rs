@@ -66,7 +66,7 @@ pub struct GpuContext {
 impl GpuContext {
     /// Opens the high-performance adapter with its own limits (not wgpu's defaults).
     ///
-    /// ```no_run
+    /// ```
     /// let ctx = polyak_gpu::GpuContext::new()?;
     /// println!("{}", ctx.describe());
     /// # Ok::<(), polyak_gpu::Error>(())

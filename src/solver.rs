@@ -197,7 +197,7 @@ impl PolyakSgdBuilder {
 /// computed on the GPU and the update goes in the first submission: one submission
 /// and one wait per step. A step creates no pipeline, bind group or buffer.
 ///
-/// ```no_run
+/// ```
 /// use polyak_gpu::{GpuContext, Loss, PolyakConfig, PolyakSgd};
 /// let ctx = GpuContext::new()?;
 /// // minimise 0.5 * ||x - c||^2 through the host path (small problems only)

@@ -150,19 +150,24 @@ fn inf_with_sign_of(x: real) -> real {
 }
 ";
 
-/// The same for f64 parameters (`SHADER_F64`). WGSL has no bitcast from f64 to
-/// integers that every adapter takes, so these use IEEE comparisons, which Vulkan
-/// keeps for f64 (no fast-math flags are emitted).
+/// The same for f64 parameters (`SHADER_F64`). naga has no bitcast from f64 to
+/// integers, and a compiler may fold f64 arithmetic as if NaN and infinity never
+/// occurred (lavapipe folds `x - x` to 0 and `1 / 0` to 0), so these classify by
+/// the bits of an f32 conversion: NaN and infinity survive it, and scaling by
+/// 2^-1000 first keeps every finite f64 finite in f32.
 const PRELUDE_F64: &str = "\
 alias real = f64;
 alias real4 = vec4<f64>;
 const EPS: real = 2.220446049250313e-16;
-fn is_nan(x: real) -> bool { return !(x == x); }
-fn is_finite(x: real) -> bool { return (x - x) == real(0.0); }
-fn nan() -> real { var zero = real(0.0); return zero / zero; }
+fn bits32(x: real) -> u32 { return bitcast<u32>(f32(x)); }
+fn is_nan(x: real) -> bool { return (bits32(x) & 0x7fffffffu) > 0x7f800000u; }
+fn is_finite(x: real) -> bool {
+    return (bits32(x * 9.332636185032189e-302) & 0x7f800000u) != 0x7f800000u;
+}
+fn nan() -> real { var bits = 0x7fc00000u; return real(bitcast<f32>(bits)); }
 fn inf_with_sign_of(x: real) -> real {
-    var zero = real(0.0);
-    return select(real(-1.0), real(1.0), x > real(0.0)) / zero;
+    var bits = 0x7f800000u;
+    return real(bitcast<f32>(bits | (bits32(x) & 0x80000000u)));
 }
 ";
 

@@ -6,8 +6,8 @@ mod common;
 use common::{ctx, ctx_with_segments};
 use polyak_gpu::conformance::SplitMix64;
 use polyak_gpu::{
-    Error, Evaluation, GpuContext, Loss, ParamDtype, PolyakConfig, PolyakSgd, Precision,
-    StepSizeMode, TensorSpec, VelocityDtype, polyak_stepsize,
+    Error, Evaluation, GpuContext, Loss, NonFinitePolicy, ParamDtype, PolyakConfig, PolyakSgd,
+    Precision, StepSizeMode, TensorSpec, Variant, VelocityDtype, polyak_stepsize,
 };
 
 fn random64(seed: u64, n: usize) -> Vec<f64> {
@@ -281,4 +281,87 @@ fn the_benchmark_fill_writes_f64_too() {
     assert!(p[..n - n % 4].iter().all(|x| x.abs() <= 0.5 && *x != 0.0));
     let mean = p.iter().sum::<f64>() / n as f64;
     assert!(mean.abs() < 0.02, "{mean}");
+}
+
+/// One f64 device-mode step with gradient `g` and host loss `value` under `cfg`
+/// and `policy`: its step size, or `None` when it was refused. The parameters and
+/// velocity must be untouched by a refusal.
+fn f64_device_step(
+    ctx: &GpuContext,
+    cfg: &PolyakConfig,
+    policy: NonFinitePolicy,
+    g: &[f64],
+    value: f64,
+) -> Option<f64> {
+    let cfg = cfg
+        .clone()
+        .momentum(0.5)
+        .dtype(ParamDtype::F64)
+        .stepsize_mode(StepSizeMode::Device)
+        .nonfinite(policy);
+    let mut opt = PolyakSgd::new_zeroed(ctx, cfg, g.len()).unwrap();
+    let p = random64(700, g.len());
+    opt.buffers().upload_params_f64(&p).unwrap();
+    let state = opt.init_state(fixed64(g, value)).unwrap();
+    match opt.update(&state, fixed64(g, value)) {
+        Ok(s) => Some(s.stepsize),
+        Err(Error::NonFinite { .. }) => {
+            assert_eq!(opt.buffers().download_params_f64().unwrap(), p);
+            let v = opt.buffers().download_velocity_f64().unwrap().unwrap();
+            assert!(v.iter().all(|&x| x == 0.0));
+            None
+        }
+        Err(e) => panic!("{e}"),
+    }
+}
+
+#[test]
+fn f64_device_rule_gives_the_host_rules_special_values_and_refusals() {
+    // The GPU classifies f64 NaN and infinity itself; a compiler may fold f64
+    // arithmetic as if they never occurred (lavapipe made every value finite and
+    // 1/0 zero before the prelude classified by bits).
+    let ctx = ctx();
+    let n = 64;
+    let g = random64(701, n);
+    let zeros = vec![0.0; n];
+    let mut inf_g = g.clone();
+    inf_g[7] = f64::INFINITY;
+    let mut nan_g = g.clone();
+    nan_g[9] = f64::NAN;
+    let huge = vec![1e200; n]; // squared norm overflows f64
+    let tiny = vec![1e-170; n]; // squared norm underflows to 0: x/0
+    let max = PolyakConfig::default();
+    let plus = PolyakConfig::default().variant(Variant::SpsPlus);
+    let delta = PolyakConfig::default().delta(1e-3);
+    let cases: Vec<(&str, &PolyakConfig, &[f64], f64)> = vec![
+        ("0/0", &max, &zeros, 0.0),
+        ("x/0 is capped", &max, &zeros, 2.0),
+        ("x/(0 underflowed) is capped", &max, &tiny, 1e300),
+        ("delta removes 0/0", &delta, &zeros, 0.0),
+        ("SPS+ zero norm", &plus, &zeros, 1.0),
+        ("inf loss", &max, &g, f64::INFINITY),
+        ("-inf loss", &max, &g, f64::NEG_INFINITY),
+        ("NaN loss", &max, &g, f64::NAN),
+        ("SPS+ NaN loss", &plus, &g, f64::NAN),
+        ("inf gradient", &max, &inf_g, 1.0),
+        ("NaN gradient", &max, &nan_g, 1.0),
+        ("overflowing norm", &max, &huge, 1.0),
+        ("1e39 is finite in f64", &max, &g, 1e39),
+        ("ordinary", &max, &g, 0.5),
+    ];
+    for (what, cfg, grad, value) in cases {
+        let sq: f64 = grad.iter().map(|x| x * x).sum();
+        let host = polyak_stepsize(value, sq, cfg, Precision::F64);
+        let finite = value.is_finite() && sq.is_finite() && host.is_finite();
+        let propagated = f64_device_step(&ctx, cfg, NonFinitePolicy::Propagate, grad, value);
+        let got = propagated.expect("Propagate never refuses");
+        // Equal up to the order of the norm's sum (a few ulps), specials exactly.
+        let close = (got - host).abs() <= 1e-14 * host.abs();
+        assert!(
+            got == host || close || (got.is_nan() && host.is_nan()),
+            "{what}: device {got} vs host {host}"
+        );
+        let refused = f64_device_step(&ctx, cfg, NonFinitePolicy::Refuse, grad, value).is_none();
+        assert_eq!(refused, !finite, "{what}: refused {refused}, step {host}");
+    }
 }

@@ -6,7 +6,8 @@
 // `real4` (vec4 of f32 or f64) and `velocity4`, the velocity's storage type, come
 // from the precision prelude the host puts in front (kernels.rs): `velocity4` is
 // `real4`, or `vec4<f16>` after `enable f16;` for an f16 velocity (the update
-// computes in `real` either way and rounds only what it stores).
+// computes in `real` either way and rounds only what it stores, through
+// `to_velocity`, which saturates an f16 velocity at +-65504).
 
 struct Geometry {
     n4: u32,           // length of the segment in vec4s
@@ -66,7 +67,7 @@ fn momentum(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_ind
     let w = walk(group, lid);
     for (var i = w.x; i < w.y; i += w.z) {
         let v = momentum * real4(velocity[i]) - step * grads[i];
-        velocity[i] = velocity4(v);
+        velocity[i] = to_velocity(v);
         params[i] = params[i] + v;
     }
 }

@@ -125,7 +125,8 @@ pub enum VelocityDtype {
     /// f16 (IEEE half, rounded to nearest): 2 bytes less memory and 4 bytes less
     /// traffic per parameter (20 per step). The update still computes in f32 and adds
     /// the unrounded velocity to the parameters; only the stored velocity is rounded,
-    /// so magnitudes under about 6e-5 lose precision and under 6e-8 become 0. Needs
+    /// so magnitudes under about 6e-5 lose precision and under 6e-8 become 0, and
+    /// magnitudes over 65504 are stored as +-65504 (saturated, never infinite). Needs
     /// the device feature `SHADER_F16` ([`crate::GpuContext::new`] asks for it where
     /// the adapter has it).
     F16,

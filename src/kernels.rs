@@ -172,19 +172,29 @@ fn inf_with_sign_of(x: real) -> real {
 ";
 
 /// `source` with the precision prelude in front: `real` of `real_bytes` (4 or 8),
-/// and `velocity4` for a velocity of `velocity_bytes` per element (2: f16).
+/// and `velocity4` for a velocity of `velocity_bytes` per element (2: f16) with
+/// `to_velocity`, its conversion from `real4`. An f16 velocity saturates at
+/// +-65504 (f16's largest finite value) rather than overflow to infinity, which
+/// the next step would carry into the parameters.
 pub(crate) fn with_prelude(source: &str, real_bytes: u64, velocity_bytes: u64) -> String {
     let (enable, velocity) = if velocity_bytes == 2 {
-        ("enable f16;\n", "vec4<f16>")
+        (
+            "enable f16;\n",
+            "vec4<f16>;\nfn to_velocity(v: real4) -> velocity4 \
+             { return velocity4(clamp(v, real4(-65504.0), real4(65504.0))); }",
+        )
     } else {
-        ("", "real4")
+        (
+            "",
+            "real4;\nfn to_velocity(v: real4) -> velocity4 { return v; }",
+        )
     };
     let prelude = if real_bytes == 8 {
         PRELUDE_F64
     } else {
         PRELUDE_F32
     };
-    format!("{enable}{prelude}alias velocity4 = {velocity};\n{source}")
+    format!("{enable}{prelude}alias velocity4 = {velocity}\n{source}")
 }
 
 pub(crate) fn uniform<T: bytemuck::Pod>(ctx: &GpuContext, value: &T) -> wgpu::Buffer {

@@ -172,3 +172,33 @@ fn an_f16_velocity_checkpoint_resumes_bit_for_bit_and_is_stored_as_f16() {
     );
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn an_f16_velocity_saturates_instead_of_overflowing() {
+    // A step of 1e6 along a unit gradient: |v| = 1e6 is past f16's 65504. Stored as
+    // infinity it would make the next step's parameters infinite.
+    let ctx = ctx();
+    let n = 8;
+    let cfg = config().max_stepsize(1e6).fun_min(0.0);
+    let mut opt = PolyakSgd::new(&ctx, cfg, &[0.0; 8]).unwrap();
+    let g = vec![1.0f32; n];
+    let state = opt.init_state(fixed(&g, 1e12)).unwrap();
+    let state = opt.update(&state, fixed(&g, 1e12)).unwrap();
+    assert_eq!(state.stepsize, 1e6);
+    // The parameters moved by the unrounded velocity; the stored one saturated.
+    assert_eq!(opt.download_params().unwrap(), vec![-1e6; n]);
+    assert_eq!(opt.download_velocity().unwrap().unwrap(), vec![-65504.0; n]);
+    let state = opt.update(&state, fixed(&g, 1e12)).unwrap();
+    assert_eq!(state.iter_num, 2);
+    // (within an f32 rounding or two: a GPU may fuse the multiply-add)
+    let want = -1e6 + (0.9 * -65504.0 - 1e6);
+    for p in opt.download_params().unwrap() {
+        assert!(
+            (f64::from(p) - want).abs() <= 1e-6 * want.abs(),
+            "{p} vs {want}"
+        );
+    }
+    // Uploads saturate too.
+    opt.buffers().upload_velocity(&[1e9; 8]).unwrap();
+    assert_eq!(opt.download_velocity().unwrap().unwrap(), vec![65504.0; n]);
+}

@@ -83,15 +83,20 @@ pub(crate) trait Elem: Copy + bytemuck::Pod {
     }
 
     /// `data` as elements of `elem` bytes: borrowed when they already are (no copy
-    /// of a large upload), converted otherwise.
+    /// of a large upload), converted otherwise (to f16 saturated at +-65504).
     fn to_bytes(data: &[Self], elem: u64) -> Cow<'_, [u8]> {
         if elem as usize == std::mem::size_of::<Self>() {
             return Cow::Borrowed(bytemuck::cast_slice(data));
         }
         Cow::Owned(match elem {
+            // Saturated like the update kernel's stores: an infinite velocity would
+            // carry into the parameters at the next step.
             2 => data
                 .iter()
-                .flat_map(|v| half::f16::from_f64(v.to_f64()).to_le_bytes())
+                .flat_map(|v| {
+                    let x = v.to_f64().clamp(-F16_MAX, F16_MAX);
+                    half::f16::from_f64(x).to_le_bytes()
+                })
                 .collect(),
             4 => data
                 .iter()
@@ -372,6 +377,9 @@ impl ParamBuffers {
         Ok(out)
     }
 }
+
+/// f16's largest finite value: an f16 velocity saturates there.
+const F16_MAX: f64 = 65504.0;
 
 /// The most bytes one checkpoint copy moves between the host and the GPU: a bound
 /// on the staging memory beside the tensor being saved or loaded.

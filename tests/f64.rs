@@ -365,3 +365,38 @@ fn f64_device_rule_gives_the_host_rules_special_values_and_refusals() {
         assert_eq!(refused, !finite, "{what}: refused {refused}, step {host}");
     }
 }
+
+#[test]
+fn every_vector_moves_in_f64_by_tensor_and_whole() {
+    let ctx = ctx_with_segments(256);
+    let specs = [TensorSpec::new("a", &[301]), TensorSpec::new("b", &[7, 3])];
+    let n = 322;
+    for dtype in [ParamDtype::F64, ParamDtype::F32] {
+        let cfg = PolyakConfig::default().momentum(0.5).dtype(dtype);
+        let opt = PolyakSgd::with_tensors(&ctx, cfg, &specs).unwrap();
+        let b = opt.buffers();
+        // f64 storage keeps every bit; f32 storage rounds to nearest.
+        let stored = |x: &[f64]| -> Vec<f64> {
+            match dtype {
+                ParamDtype::F64 => x.to_vec(),
+                _ => x.iter().map(|&v| f64::from(v as f32)).collect(),
+            }
+        };
+        let (a, t) = (random64(710, 301), random64(711, 21));
+        b.upload_tensor_f64("a", &a).unwrap();
+        b.upload_tensor_f64("b", &t).unwrap();
+        assert_eq!(b.download_tensor_f64("a").unwrap(), stored(&a));
+        assert_eq!(b.download_tensor_f64("b").unwrap(), stored(&t));
+        let whole = [a, t].concat();
+        assert_eq!(b.download_params_f64().unwrap(), stored(&whole));
+        let (v, g) = (random64(712, n), random64(713, n));
+        b.upload_velocity_f64(&v).unwrap();
+        b.upload_grads_f64(&g).unwrap();
+        assert_eq!(b.download_velocity_f64().unwrap().unwrap(), stored(&v));
+        assert_eq!(b.download_grads_f64().unwrap(), stored(&g));
+        assert!(matches!(
+            b.upload_tensor_f64("a", &[1.0]),
+            Err(Error::LengthMismatch { .. })
+        ));
+    }
+}

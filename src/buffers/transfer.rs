@@ -174,6 +174,16 @@ impl ParamBuffers {
 
     /// Uploads one tensor's parameters.
     pub fn upload_tensor(&self, key: impl TensorKey, data: &[f32]) -> Result<()> {
+        self.upload_tensor_as(key, data)
+    }
+
+    /// [`ParamBuffers::upload_tensor`] from f64 (exact for f64 parameters, rounded
+    /// to f32 otherwise).
+    pub fn upload_tensor_f64(&self, key: impl TensorKey, data: &[f64]) -> Result<()> {
+        self.upload_tensor_as(key, data)
+    }
+
+    fn upload_tensor_as<T: Elem>(&self, key: impl TensorKey, data: &[T]) -> Result<()> {
         let t = self.layout.tensor(key)?;
         Self::check_len(&t.spec.name, t.spec.len(), data.len())?;
         self.write_tensor(t, data, |s| Some(&s.params))
@@ -181,8 +191,12 @@ impl ParamBuffers {
 
     /// Downloads one tensor's parameters (allocates; not part of a step).
     pub fn download_tensor(&self, key: impl TensorKey) -> Result<Vec<f32>> {
-        let t = self.layout.tensor(key)?;
-        self.read_tensor(t, |s| Some(&s.params))
+        self.read_tensor(self.layout.tensor(key)?, |s| Some(&s.params))
+    }
+
+    /// [`ParamBuffers::download_tensor`] as f64 (exact whatever the precision).
+    pub fn download_tensor_f64(&self, key: impl TensorKey) -> Result<Vec<f64>> {
+        self.read_tensor(self.layout.tensor(key)?, |s| Some(&s.params))
     }
 
     /// Uploads all parameters, tensors concatenated in layout order.
@@ -193,6 +207,15 @@ impl ParamBuffers {
     /// Uploads the velocity, tensors concatenated in layout order (to resume a run;
     /// an error when momentum is 0, which keeps no velocity).
     pub fn upload_velocity(&self, data: &[f32]) -> Result<()> {
+        self.upload_velocity_as(data)
+    }
+
+    /// [`ParamBuffers::upload_velocity`] from f64 (exact for f64 parameters).
+    pub fn upload_velocity_f64(&self, data: &[f64]) -> Result<()> {
+        self.upload_velocity_as(data)
+    }
+
+    fn upload_velocity_as<T: Elem>(&self, data: &[T]) -> Result<()> {
         if !self.has_velocity() {
             return Err(no_velocity());
         }
@@ -333,6 +356,11 @@ impl ParamBuffers {
 
     /// Downloads the gradient.
     pub fn download_grads(&self) -> Result<Vec<f32>> {
+        self.download_flat(|s| Some(&s.grads))
+    }
+
+    /// [`ParamBuffers::download_grads`] as f64.
+    pub fn download_grads_f64(&self) -> Result<Vec<f64>> {
         self.download_flat(|s| Some(&s.grads))
     }
 

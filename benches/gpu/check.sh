@@ -1,14 +1,15 @@
 #!/usr/bin/env bash
 # One device call (about 6-7 minutes on an H100/H200; run it with timeout_s 600), most
-# important first: GPU correctness (conformance on the f32 and f64 paths, the tests
-# of the step-size modes, pipelining, the objective's norm, the f16 velocity, f64),
+# important first: GPU correctness (conformance on the f32 and f64 paths, then the
+# test binaries of benches/gpu/tests.txt: step-size modes, pipelining, the
+# objective's norm, f16 velocity, f64, randomized configurations, checkpoints, ...),
 # polyak-bench with the host rule, the device rule and pipelined, the peers, then
 # the objective's norm, f16 velocity and f64 benches, the MLP example and an
 # out-of-memory probe. The log in $OUT grows as it goes, so a cut-off call still
 # returns what ran. Prepare with benches/gpu/prepare.sh; DRY=1 tries it here.
 set -u
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
-B=gpu-bin
+B=/tmp/gpu-bin # unpacked from gpu-bin/bin.tar.xz below
 SIZES=${SIZES:-1e4,1e6,1e7,1e8,1e9}
 MORE=${MORE:-1e4,1e8,1e9}
 PEERS=${PEERS:-1e4,1e8}
@@ -20,8 +21,9 @@ if [ -z "${DRY:-}" ]; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl &&
     export PYTHONPATH=/tmp/site
 fi
+rm -rf "$B" && python3 -c 'import tarfile; tarfile.open("gpu-bin/bin.tar.xz").extractall("/tmp")' || exit 1
 step() { echo; echo "=== $* ($(date +%T))"; }
-tests() { timeout 60 "$B/$1" --test-threads 1 2>&1 | grep -E "test result|panicked|FAILED" | head; }
+tests() { timeout 60 "$B/test-$1" --test-threads 1 2>&1 | grep -E "test result|panicked|FAILED" | head; }
 bench() { local name=$1; shift; timeout 90 $B/polyak-bench --cpu-max 1 --json "$OUT/bench-$name.json" "$@" 2>&1; }
 {
   step card; nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv 2>&1
@@ -29,8 +31,8 @@ bench() { local name=$1; shift; timeout 90 $B/polyak-bench --cpu-max 1 --json "$
   timeout 40 $B/conformance $REF 2>&1 | tail -10
   timeout 40 $B/conformance $REF --device-step 2>&1 | tail -3
   timeout 40 $B/conformance $REF --f64 2>&1 | tail -10
-  step tests: stepsize_mode, pipeline, objective_norm, velocity_f16, f64, solver
-  for t in stepsize_mode pipeline objective_norm velocity_f16 f64 solver; do tests $t; done
+  step tests: $(tr '\n' ' ' < benches/gpu/tests.txt)
+  for t in $(cat benches/gpu/tests.txt); do echo "$t:"; tests $t; done
   step polyak-bench host; timeout 150 $B/polyak-bench --sizes "$SIZES" --json "$OUT/bench-host.json" 2>&1
   step polyak-bench device; bench device --sizes "$SIZES" --momentum on --stepsize device
   step polyak-bench device, 16 steps per wait; bench pipelined --sizes "$SIZES" --momentum on --stepsize device --sync-every 16

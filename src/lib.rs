@@ -14,7 +14,8 @@
 //! - [`GpuContext`]: the headless device (or one you already have).
 //! - [`PolyakConfig`]: jaxopt's options, with `Default` and builder setters.
 //! - [`PolyakSgd`]: `init_state`, `update`, `run`, `run_iterator`,
-//!   `l2_optimality_error`; `save_checkpoint` / `load_checkpoint`.
+//!   `l2_optimality_error`; `update_batches` (epochs of a training loop);
+//!   `save_checkpoint` / `load_checkpoint`.
 //! - Options beyond jaxopt's: [`StepSizeMode`], `sync_every` (pipelined runs),
 //!   [`NonFinitePolicy`], [`ParamDtype`] (f32 or f64), [`VelocityDtype`] (f16
 //!   velocity), and [`PolyakSgdBuilder::norm_from_objective`] for a gradient kernel

@@ -662,6 +662,50 @@ impl PolyakSgd {
         Ok(state)
     }
 
+    /// One [`PolyakSgd::update`] per batch, in order, from `state`: an epoch of a
+    /// training loop that evaluates or checkpoints between epochs. Unlike
+    /// `run_iterator`, no batch goes to `init_state` and `maxiter` does not apply,
+    /// so consecutive calls continue one run. Pipelined like `run` under
+    /// `sync_every` above 1 (with the result of single updates); stops at the
+    /// first error.
+    ///
+    /// ```
+    /// # use polyak_gpu::{GpuContext, Loss, PolyakConfig, PolyakSgd, StepSizeMode, Evaluation};
+    /// # let ctx = GpuContext::new()?;
+    /// let config = PolyakConfig::default().momentum(0.9)
+    ///     .stepsize_mode(StepSizeMode::Device).sync_every(8);
+    /// let mut opt = PolyakSgd::new(&ctx, config, &[0.0; 4])?;
+    /// // batch b: 0.5 * ||x - c_b||^2 on the host (small problems only)
+    /// let mut f = |ev: &mut Evaluation<'_>, b: &usize| {
+    ///     let x = ev.read_params()?;
+    ///     let g: Vec<f32> = x.iter().map(|x| x - (1 + b % 3) as f32).collect();
+    ///     ev.write_grads(&g)?;
+    ///     Ok((Loss::Host(0.5 * g.iter().map(|d| f64::from(d * d)).sum::<f64>()), ()))
+    /// };
+    /// let mut state = opt.init_state(|ev| f(ev, &0))?;
+    /// for epoch in 0..3 {
+    ///     state = opt.update_batches(state, &mut f, 0..30)?;
+    ///     // evaluate, log or save a checkpoint here
+    /// }
+    /// assert_eq!(state.iter_num, 90);
+    /// # Ok::<(), polyak_gpu::Error>(())
+    /// ```
+    pub fn update_batches<A, B>(
+        &mut self,
+        state: State<A>,
+        mut f: impl FnMut(&mut Evaluation<'_>, &B) -> Result<(Loss, A)>,
+        batches: impl IntoIterator<Item = B>,
+    ) -> Result<State<A>> {
+        if self.pipelined() {
+            return self.run_pipelined(state, batches.into_iter(), None, f);
+        }
+        let mut state = state;
+        for batch in batches {
+            state = self.update(&state, |ev| f(ev, &batch))?;
+        }
+        Ok(state)
+    }
+
     /// jaxopt's `l2_optimality_error`: the gradient norm at the current parameters.
     pub fn l2_optimality_error<A>(
         &mut self,

@@ -178,3 +178,39 @@ fn pipelined_run_iterator_matches_and_single_updates_still_apply_after_it() {
         assert_eq!(q, q1, "sync_every {k}");
     }
 }
+
+#[test]
+fn update_batches_in_epochs_continue_one_run() {
+    // init_state on batch 0, then epochs of update_batches: the same as one
+    // run_iterator over every batch, pipelined or not, a NaN batch skipped.
+    let ctx = ctx();
+    let n = 1000;
+    let x0 = random(95, n);
+    let targets: Vec<Vec<f32>> = (0..13).map(|t| random(96 + t, n)).collect();
+    let objective = |ev: &mut Evaluation<'_>, t: &usize| {
+        let x = ev.read_params()?;
+        let g: Vec<f32> = x.iter().zip(&targets[*t]).map(|(x, c)| x - c).collect();
+        ev.write_grads(&g)?;
+        let loss = if *t == 7 { f64::NAN } else { 0.5 * sqnorm(&g) };
+        Ok((Loss::Host(loss), *t))
+    };
+    let cfg = |k: usize| {
+        device(k)
+            .momentum(0.9)
+            .maxiter(12)
+            .nonfinite(NonFinitePolicy::Skip)
+    };
+    let mut whole = PolyakSgd::new(&ctx, cfg(1), &x0).unwrap();
+    let s1 = whole.run_iterator(objective, 0..13).unwrap();
+    let p1 = whole.download_params().unwrap();
+    assert_eq!((s1.iter_num, s1.num_skipped, s1.aux), (11, 1, 12));
+    for k in [1, 4] {
+        let mut opt = PolyakSgd::new(&ctx, cfg(k), &x0).unwrap();
+        let mut s = opt.init_state(|ev| objective(ev, &0)).unwrap();
+        for epoch in [1..5, 5..9, 9..13] {
+            s = opt.update_batches(s, objective, epoch).unwrap();
+        }
+        assert_eq!(s, s1, "sync_every {k}");
+        assert_eq!(opt.download_params().unwrap(), p1, "sync_every {k}");
+    }
+}

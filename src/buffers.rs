@@ -13,6 +13,7 @@ mod external;
 mod transfer;
 
 pub use external::ExternalTensor;
+pub(crate) use external::check_disjoint;
 pub(crate) use transfer::{Elem, read_bytes, read_mapped};
 
 /// A range of a buffer: where one segment's vector starts.

@@ -1,6 +1,8 @@
 //! `PolyakSgd`: jaxopt's `PolyakSGD` with parameters, gradients and velocity on the GPU.
 
-use crate::buffers::{ExternalTensor, ParamBuffers, device_segment_capacity, vector_bytes};
+use crate::buffers::{
+    ExternalTensor, ParamBuffers, check_disjoint, device_segment_capacity, vector_bytes,
+};
 use crate::config::{NonFinitePolicy, PolyakConfig, StepSizeMode};
 use crate::context::{GpuContext, now};
 use crate::error::{Error, Result};
@@ -121,6 +123,7 @@ impl PolyakSgdBuilder {
         for e in &external {
             e.validate(limits, real)?;
         }
+        check_disjoint(&external, real)?;
         let align = (limits.min_storage_buffer_offset_alignment as usize / real as usize).max(4);
         let capacity = ctx
             .max_segment_elements()

@@ -218,6 +218,40 @@ fn registration_checks_give_typed_errors() {
     assert!(reason(build(ext(&[1 << 62], align, 0, &grads))).contains("exceeds"));
     // params and grads overlapping in one buffer
     assert!(reason(build(ext(&[16], align, 2 * align, &params))).contains("overlap"));
+    // two tensors in one buffer: disjoint is fine, overlapping is not (each would
+    // be updated, and counted in the norm, once per tensor)
+    let usage =
+        wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_SRC | wgpu::BufferUsages::COPY_DST;
+    let shared = |size| {
+        ctx.device().create_buffer(&wgpu::BufferDescriptor {
+            label: None,
+            size,
+            usage,
+            mapped_at_creation: false,
+        })
+    };
+    let (p_buf, g_buf) = (shared(8 * align + 1024), shared(8 * align + 1024));
+    let second = 64u64.div_ceil(align) * align; // the first element past tensor a
+    let pair = |p_b: u64, g_b: u64| {
+        let t = |name: &str, p_off, g_off| ExternalTensor {
+            spec: TensorSpec::new(name, &[16]),
+            params: p_buf.clone(),
+            params_offset: p_off,
+            grads: g_buf.clone(),
+            grads_offset: g_off,
+        };
+        PolyakSgd::builder(&ctx, PolyakConfig::default())
+            .external(t("a", 0, 0))
+            .external(t("b", p_b, g_b))
+            .build()
+    };
+    assert!(pair(second, second).is_ok());
+    let why = reason(pair(0, second));
+    assert!(
+        why.contains("params range overlaps the params range of tensor \"a\""),
+        "{why}"
+    );
+    assert!(reason(pair(second, 0)).contains("grads range overlaps"));
     // no STORAGE usage
     let plain = ctx.device().create_buffer(&wgpu::BufferDescriptor {
         label: None,

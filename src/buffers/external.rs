@@ -84,4 +84,38 @@ impl ExternalTensor {
         }
         Ok(())
     }
+
+    /// The parameter and gradient byte ranges, named (after [`Self::validate`]).
+    fn regions(&self, real_bytes: u64) -> [(&'static str, &wgpu::Buffer, u64, u64); 2] {
+        let bytes = self.spec.len() as u64 * real_bytes;
+        [
+            ("params", &self.params, self.params_offset, bytes),
+            ("grads", &self.grads, self.grads_offset, bytes),
+        ]
+    }
+}
+
+/// Errors if two tensors' regions overlap in one buffer: each would be updated
+/// (and counted in the norm) once per tensor, silently. One tensor's own params
+/// and grads are checked by [`ExternalTensor::validate`].
+pub(crate) fn check_disjoint(tensors: &[ExternalTensor], real_bytes: u64) -> Result<()> {
+    for (j, b) in tensors.iter().enumerate() {
+        for a in &tensors[..j] {
+            for (what_b, buf_b, off_b, len_b) in b.regions(real_bytes) {
+                for (what_a, buf_a, off_a, len_a) in a.regions(real_bytes) {
+                    if buf_a == buf_b && off_a < off_b + len_b && off_b < off_a + len_a {
+                        return Err(Error::Registration {
+                            tensor: b.spec.name.clone(),
+                            reason: format!(
+                                "its {what_b} range overlaps the {what_a} range of tensor {:?} \
+                                 in the same buffer",
+                                a.spec.name
+                            ),
+                        });
+                    }
+                }
+            }
+        }
+    }
+    Ok(())
 }

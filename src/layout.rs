@@ -144,14 +144,14 @@ impl Layout {
     /// A layout with no tensors yet.
     pub(crate) fn empty(align: usize, capacity: usize) -> Result<Self> {
         let align = round_up(align.max(4), 4);
-        let capacity = (capacity / align) * align;
-        if capacity == 0 {
+        if capacity < align {
             return Err(Error::InvalidOption {
                 option: "max_segment_elements",
-                value: capacity.to_string(),
+                value: format!("{capacity} (this device aligns tensors to {align} elements)"),
                 reason: "must hold at least one aligned block",
             });
         }
+        let capacity = (capacity / align) * align;
         Ok(Layout {
             tensors: Vec::new(),
             segment_lens: Vec::new(),

@@ -142,6 +142,10 @@ impl VelocityDtype {
     }
 }
 
+/// The most steps a pipelined run submits per wait: each takes a readback slot (16
+/// bytes, 32 with f64 parameters) allocated with the optimizer.
+pub const MAX_SYNC_EVERY: usize = 65_536;
+
 /// Options of the Polyak SGD solver, with jaxopt 0.8.5's defaults.
 ///
 /// ```
@@ -266,7 +270,8 @@ impl PolyakConfig {
     }
 
     /// Sets how many steps `run` and `run_iterator` submit per wait (not a jaxopt
-    /// option; needs [`StepSizeMode::Device`] above 1).
+    /// option; needs [`StepSizeMode::Device`] above 1; at most
+    /// [`MAX_SYNC_EVERY`]).
     pub fn sync_every(mut self, v: usize) -> Self {
         self.sync_every = v;
         self
@@ -325,8 +330,12 @@ impl PolyakConfig {
                 "an f16 velocity goes with f32 parameters only",
             );
         }
-        if self.sync_every == 0 {
-            return bad("sync_every", 0.0, "must be at least 1");
+        if self.sync_every == 0 || self.sync_every > MAX_SYNC_EVERY {
+            return bad(
+                "sync_every",
+                self.sync_every as f64,
+                "must be in 1..=65536 (16 bytes of readback per step)",
+            );
         }
         if self.sync_every > 1 && self.stepsize_mode != StepSizeMode::Device {
             return bad(
@@ -373,6 +382,13 @@ mod tests {
         assert_eq!(option_of(c().fun_min(f64::NAN)), "fun_min");
         assert_eq!(option_of(c().tol(f64::NAN)), "tol");
         assert_eq!(option_of(c().sync_every(0)), "sync_every");
+        let device = || c().stepsize_mode(StepSizeMode::Device);
+        assert!(device().sync_every(MAX_SYNC_EVERY).validate().is_ok());
+        assert_eq!(
+            option_of(device().sync_every(MAX_SYNC_EVERY + 1)),
+            "sync_every"
+        );
+        assert_eq!(option_of(device().sync_every(usize::MAX)), "sync_every");
         assert_eq!(option_of(c().sync_every(8)), "sync_every");
         assert!(
             c().sync_every(8)

@@ -170,6 +170,11 @@ impl PolyakSgdBuilder {
             )));
         }
         if let Some(e) = invalid {
+            if external.is_empty() {
+                return Err(Error::Device(format!(
+                    "creating the optimizer's buffers failed: {e}"
+                )));
+            }
             return Err(Error::Registration {
                 tensor: external
                     .iter()

@@ -3,7 +3,7 @@
 
 use crate::config::PolyakConfig;
 use crate::context::GpuContext;
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::kernels::{Geometry, bind_group, grid, module, pipeline, uniform, with_prelude};
 use crate::solver::PolyakSgd;
 use crate::stepsize::{Precision, polyak_stepsize};
@@ -82,8 +82,17 @@ pub struct CopyBench {
 }
 
 impl CopyBench {
-    /// Two buffers of `n` f32 (rounded down to a multiple of 4).
-    pub fn new(ctx: &GpuContext, n: usize) -> Self {
+    /// Two buffers of `n` f32 (rounded down to a multiple of 4), at most one
+    /// storage binding long (an error past that).
+    pub fn new(ctx: &GpuContext, n: usize) -> Result<Self> {
+        let most = ctx.limits().max_storage_buffer_binding_size / 4;
+        if n as u64 > most {
+            return Err(Error::InvalidOption {
+                option: "CopyBench elements",
+                value: n.to_string(),
+                reason: "must fit one storage binding of the device",
+            });
+        }
         let n4 = (n / 4).max(1) as u32;
         let buffer = |usage| {
             ctx.device().create_buffer(&wgpu::BufferDescriptor {
@@ -112,14 +121,14 @@ impl CopyBench {
                 (2, geo.as_entire_binding()),
             ],
         );
-        CopyBench {
+        Ok(CopyBench {
             ctx: ctx.clone(),
             pipeline,
             group,
             dispatch: geometry.dispatch(),
             n: n4 as usize * 4,
             _buffers: [src, dst, geo],
-        }
+        })
     }
 
     /// Runs `reps` copies back to back in one submission after one warm-up copy, and

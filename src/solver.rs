@@ -326,8 +326,8 @@ impl PolyakSgd {
         self.buffers.flush();
         let reps = reps.max(1);
         let device = self.ctx.device();
-        let mut norm = Vec::with_capacity(reps);
-        let mut update = Vec::with_capacity(reps);
+        let mut norm = Vec::with_capacity(reps.min(1024));
+        let mut update = Vec::with_capacity(reps.min(1024));
         if device.features().contains(wgpu::Features::TIMESTAMP_QUERY) {
             let set = device.create_query_set(&wgpu::QuerySetDescriptor {
                 label: Some("polyak phases"),

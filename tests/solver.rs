@@ -426,9 +426,16 @@ fn bench_fill_writes_bounded_nonzero_data_and_the_copy_kernel_runs() {
     let distinct: std::collections::HashSet<u32> = p.iter().map(|x| x.to_bits()).collect();
     assert!(distinct.len() > n / 2);
     let gbps = polyak_gpu::bench::CopyBench::new(&ctx, 1 << 16)
+        .unwrap()
         .gbps(2)
         .unwrap();
     assert!(gbps.is_finite() && gbps > 0.0);
+    // past one binding: an error, not a wgpu panic or a wrapped size
+    let too_many = ctx.limits().max_storage_buffer_binding_size as usize / 4 + 4;
+    assert!(matches!(
+        polyak_gpu::bench::CopyBench::new(&ctx, too_many),
+        Err(Error::InvalidOption { .. })
+    ));
 }
 
 #[test]

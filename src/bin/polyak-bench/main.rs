@@ -318,7 +318,7 @@ fn run(args: &Args) -> Result<()> {
         .min(ctx.limits().max_buffer_size)
         / 4;
     let copy_n = (1usize << 26).min(cap as usize);
-    let copy_gbps = CopyBench::new(&ctx, copy_n).gbps(20)?;
+    let copy_gbps = CopyBench::new(&ctx, copy_n)?.gbps(20)?;
     println!("copy rate: {copy_gbps:.1} GB/s (vec4 copy kernel, {copy_n} f32, read + write)");
 
     // Fixed cost of a step, with the step size computed on either side.

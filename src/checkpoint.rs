@@ -325,6 +325,9 @@ impl PolyakSgd {
             ));
         }
 
+        for &(t, velocity, _, _) in &found {
+            self.buffers().check_writable(t, velocity)?;
+        }
         let mut queued = 0;
         for (t, velocity, bytes, start) in found {
             self.buffers()

@@ -251,3 +251,46 @@ fn a_checkpoint_of_another_precision_loads_rounded_to_nearest() {
     let want: Vec<f32> = p.iter().map(|&x| next(x)).collect();
     assert!(got == want, "f64 -> f32 not rounded to nearest");
 }
+
+#[test]
+fn a_user_buffer_that_cannot_be_written_fails_the_load_before_any_upload() {
+    // The owned tensor comes first in layout order; the user-owned one lacks
+    // COPY_DST. The load must fail whole, not after restoring the owned tensor.
+    let ctx = ctx_with_segments(4096);
+    let d = dir("readonly");
+    let file = d.join("x.safetensors");
+    let buffer = |usage| {
+        ctx.device().create_buffer(&wgpu::BufferDescriptor {
+            label: None,
+            size: 64 * 4,
+            usage: wgpu::BufferUsages::STORAGE | usage,
+            mapped_at_creation: false,
+        })
+    };
+    let opt = PolyakSgd::builder(&ctx, PolyakConfig::default())
+        .tensor(TensorSpec::new("owned", &[10]))
+        .external(polyak_gpu::ExternalTensor {
+            spec: TensorSpec::new("user", &[64]),
+            params: buffer(wgpu::BufferUsages::COPY_SRC),
+            params_offset: 0,
+            grads: buffer(wgpu::BufferUsages::COPY_SRC),
+            grads_offset: 0,
+        })
+        .build()
+        .unwrap();
+    opt.buffers()
+        .upload_tensor("owned", &random(40, 10))
+        .unwrap();
+    opt.save_checkpoint(&State::initial(()), &file).unwrap();
+    let mut opt = opt;
+    let later = random(41, 10);
+    opt.buffers().upload_tensor("owned", &later).unwrap();
+    match opt.load_checkpoint(&file) {
+        Err(Error::Registration { tensor, reason }) => {
+            assert_eq!(tensor, "user");
+            assert!(reason.contains("COPY_DST"), "{reason}");
+        }
+        other => panic!("expected a registration error, got {other:?}"),
+    }
+    assert_eq!(opt.buffers().download_tensor("owned").unwrap(), later);
+}

@@ -259,6 +259,17 @@ impl ParamBuffers {
         Ok(out)
     }
 
+    /// Errors unless one tensor's parameters or velocity can be written from the
+    /// host (a velocity exists, user buffers have `COPY_DST`): checkpoints check
+    /// every tensor before they upload any.
+    pub(crate) fn check_writable(&self, t: &TensorPlacement, velocity: bool) -> Result<()> {
+        for p in &t.parts {
+            let r = self.region(p.segment, velocity).ok_or_else(no_velocity)?;
+            needs(&r.buffer, wgpu::BufferUsages::COPY_DST, &t.spec.name)?;
+        }
+        Ok(())
+    }
+
     /// Uploads one tensor's parameters or velocity from elements of `elem` bytes
     /// (f16, f32 or f64) that `read(byte offset in the tensor, buffer)` provides, in
     /// pieces of at most [`CHUNK_BYTES`] (checkpoints, which read a file): as they

@@ -293,4 +293,10 @@ fn a_user_buffer_that_cannot_be_written_fails_the_load_before_any_upload() {
         other => panic!("expected a registration error, got {other:?}"),
     }
     assert_eq!(opt.buffers().download_tensor("owned").unwrap(), later);
+    // A whole-vector upload fails the same way, before writing the owned tensor.
+    assert!(matches!(
+        opt.upload_params(&random(42, 74)),
+        Err(Error::Registration { .. })
+    ));
+    assert_eq!(opt.buffers().download_tensor("owned").unwrap(), later);
 }

@@ -6,7 +6,7 @@
 use super::{ParamBuffers, Region, Segment};
 use crate::context::GpuContext;
 use crate::error::{Error, Result};
-use crate::layout::{TensorKey, TensorPlacement};
+use crate::layout::{Part, TensorKey, TensorPlacement};
 use std::borrow::Cow;
 use std::sync::{Arc, Mutex};
 
@@ -263,11 +263,7 @@ impl ParamBuffers {
     /// host (a velocity exists, user buffers have `COPY_DST`): checkpoints check
     /// every tensor before they upload any.
     pub(crate) fn check_writable(&self, t: &TensorPlacement, velocity: bool) -> Result<()> {
-        for p in &t.parts {
-            let r = self.region(p.segment, velocity).ok_or_else(no_velocity)?;
-            needs(&r.buffer, wgpu::BufferUsages::COPY_DST, &t.spec.name)?;
-        }
-        Ok(())
+        writable(t, |p| self.region(p.segment, velocity))
     }
 
     /// Uploads one tensor's parameters or velocity from elements of `elem` bytes
@@ -350,6 +346,11 @@ impl ParamBuffers {
         pick: impl Fn(&Segment) -> Option<&Region> + Copy,
     ) -> Result<()> {
         Self::check_len(what, self.num_params(), data.len())?;
+        // Every tensor is checked before any is written: an error leaves all as
+        // they were, not the first tensors written.
+        for t in self.layout.tensors() {
+            writable(t, |p| pick(&self.segments[p.segment]))?;
+        }
         let mut at = 0;
         for t in self.layout.tensors() {
             let n = t.spec.len();
@@ -438,6 +439,15 @@ fn no_velocity() -> Error {
         "velocity".into(),
         "the optimizer keeps no velocity (momentum is 0)",
     )
+}
+
+/// Errors unless every part of `t` has a region (`region`) the host may write.
+fn writable<'a>(t: &TensorPlacement, region: impl Fn(&Part) -> Option<&'a Region>) -> Result<()> {
+    for p in &t.parts {
+        let r = region(p).ok_or_else(no_velocity)?;
+        needs(&r.buffer, wgpu::BufferUsages::COPY_DST, &t.spec.name)?;
+    }
+    Ok(())
 }
 
 /// Errors unless `buffer` has `usage` (user buffers may lack the copy flags).

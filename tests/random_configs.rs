@@ -1,7 +1,8 @@
 //! Random configurations against f64 arithmetic: layouts of odd lengths, single
-//! elements and scalars over small segments, f32 or f64 parameters, f16 velocity,
-//! momentum or none, both variants and both step-size modes; every step checked on
-//! its own, and a checkpoint taken midway resumed bit for bit in a fresh optimizer.
+//! elements and scalars over small segments, user-owned tensors, f32 or f64
+//! parameters, f16 velocity, momentum or none, both variants, both step-size modes
+//! and deferred updates; every step checked on its own, and a checkpoint taken
+//! midway resumed bit for bit in a fresh optimizer.
 
 mod common;
 
@@ -169,6 +170,9 @@ fn random_configurations_match_f64_step_by_step_and_resume_bit_for_bit() {
         let what = format!("case {case}: {cfg:?}, segments of {segment}, {specs:?} {external:?}");
         let ctx = ctx_with_segments(*segment);
         let mut opt = build(&ctx, &drawn);
+        // Every other case defers its updates (host rule: one submission a step);
+        // every read below must see them.
+        opt.set_deferred_updates(case % 2 == 1);
         let n = opt.buffers().num_params();
         let p: Vec<f64> = (0..n).map(|_| rng.upm1()).collect();
         opt.buffers().upload_params_f64(&p).unwrap();

@@ -262,3 +262,81 @@ fn random_pipelined_runs_equal_waiting_every_step() {
         assert!(bits(&v) == bits(&v1), "{what}");
     }
 }
+
+#[test]
+fn random_gpu_objectives_follow_the_host_objectives_trajectory() {
+    // The quadratic 0.5 ||x - c||^2 with its gradient and loss written by WGSL
+    // kernels (Loss::Device), the norm from our pass or from the kernel's partials,
+    // single updates or pipelined epochs, against the same quadratic on the host:
+    // the same trajectory up to the order of the f32 sums.
+    let mut rng = SplitMix64::new(99);
+    for case in 0..10 {
+        let mut pick = |n: u64| (rng.next_u64() % n) as usize;
+        let n = 1 + pick(3000);
+        let segment = [256, 1024, 1 << 20][pick(3)];
+        let from_objective = pick(2) == 0;
+        let k = [1, 1, 4][pick(3)];
+        let velocity = [VelocityDtype::Full, VelocityDtype::F16][pick(2)];
+        let cfg = PolyakConfig::default()
+            .momentum([0.0, 0.5][pick(2)])
+            .velocity_dtype(velocity)
+            .stepsize_mode([StepSizeMode::Host, StepSizeMode::Device][pick(2)])
+            .max_stepsize(0.7);
+        let cfg = if cfg.stepsize_mode == StepSizeMode::Device {
+            cfg.sync_every(k)
+        } else {
+            cfg
+        };
+        let what = format!(
+            "case {case}: n {n}, segments {segment}, norm from objective {from_objective}, {cfg:?}"
+        );
+        let ctx = ctx_with_segments(segment);
+        let x0 = common::random(200 + case as u64, n);
+        let c = common::random(300 + case as u64, n);
+        let mut gpu = {
+            let mut b =
+                PolyakSgd::builder(&ctx, cfg.clone()).tensor(TensorSpec::new("params", &[n]));
+            if from_objective {
+                let probe = PolyakSgd::new_zeroed(&ctx, PolyakConfig::default(), n).unwrap();
+                let t = probe.buffers().layout().tensor("params").unwrap();
+                b = b.norm_from_objective(t.parts.iter().map(|p| p.len.div_ceil(256)).sum());
+            }
+            b.build().unwrap()
+        };
+        gpu.upload_params(&x0).unwrap();
+        let q = common::GpuQuadratic::new(&gpu, "params", &c);
+        let s = gpu.init_state(|ev| q.eval(ev)).unwrap();
+        let s = gpu
+            .update_batches(s, |ev, _: &usize| q.eval(ev), 0..8)
+            .unwrap();
+        let mut host = PolyakSgd::new(&ctx, cfg.clone().sync_every(1), &x0).unwrap();
+        let quadratic = |ev: &mut Evaluation<'_>| {
+            let x = ev.read_params()?;
+            let g: Vec<f32> = x.iter().zip(&c).map(|(x, c)| x - c).collect();
+            ev.write_grads(&g)?;
+            Ok((Loss::Host(0.5 * common::sqnorm(&g)), ()))
+        };
+        let mut h = host.init_state(quadratic).unwrap();
+        for _ in 0..8 {
+            h = host.update(&h, quadratic).unwrap();
+        }
+        assert_eq!(s.iter_num, h.iter_num, "{what}");
+        let rel = |a: f64, b: f64| (a - b).abs() / b.abs().max(1e-12);
+        assert!(rel(s.value, h.value) <= 1e-4, "{what}: {s:?} vs {h:?}");
+        assert!(
+            rel(s.stepsize, h.stepsize) <= 1e-4,
+            "{what}: {s:?} vs {h:?}"
+        );
+        let (pg, ph) = (
+            gpu.download_params().unwrap(),
+            host.download_params().unwrap(),
+        );
+        let scale = ph.iter().map(|x| x.abs()).fold(0.0f32, f32::max) + 1.0;
+        let worst = pg
+            .iter()
+            .zip(&ph)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0.0f32, f32::max);
+        assert!(worst <= 1e-4 * scale, "{what}: params differ by {worst}");
+    }
+}

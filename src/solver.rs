@@ -60,6 +60,11 @@ pub struct PolyakSgdBuilder {
     norm_partials: Option<usize>,
 }
 
+/// The most squared-norm partials an objective may write
+/// ([`PolyakSgdBuilder::norm_from_objective`]): one workgroup sums them, 4,096 per
+/// invocation (lavapipe stops any loop after 65,535 iterations).
+pub const MAX_OBJECTIVE_PARTIALS: usize = 1 << 20;
+
 impl PolyakSgdBuilder {
     /// Lets the objective compute the squared gradient norm while it writes the
     /// gradient, as `partials` f32 partial sums into
@@ -67,7 +72,9 @@ impl PolyakSgdBuilder {
     /// pass over the gradient (20 bytes per parameter with momentum instead of 24,
     /// 12 instead of 16 without). Every evaluation must write all of them (an
     /// unwritten one makes the norm NaN and the step refused); the result is as
-    /// deterministic as the objective's partials are.
+    /// deterministic as the objective's partials are. At most
+    /// [`MAX_OBJECTIVE_PARTIALS`]; a few thousand is plenty (one per workgroup of
+    /// a grid-stride gradient kernel).
     pub fn norm_from_objective(mut self, partials: usize) -> Self {
         self.norm_partials = Some(partials);
         self
@@ -111,12 +118,13 @@ impl PolyakSgdBuilder {
                 reason: "the device lacks the SHADER_F64 feature",
             });
         }
-        let most = ctx.limits().max_storage_buffer_binding_size as usize / real as usize;
-        if let Some(n) = norm_partials.filter(|&n| n == 0 || n > most) {
+        let most = (ctx.limits().max_storage_buffer_binding_size / real) as usize;
+        if let Some(n) = norm_partials.filter(|&n| n == 0 || n > most.min(MAX_OBJECTIVE_PARTIALS)) {
             return Err(Error::InvalidOption {
                 option: "norm_from_objective",
                 value: n.to_string(),
-                reason: "needs at least 1 partial and at most one binding of them",
+                reason: "needs 1 to 1,048,576 partials (one workgroup sums them; a few \
+                         thousand is plenty) that fit one binding",
             });
         }
         let limits = ctx.limits();

@@ -225,6 +225,11 @@ impl ParamBuffers {
         }
     }
 
+    /// Whether a deferred update waits for the next submission.
+    pub(crate) fn has_pending(&self) -> bool {
+        self.pending.lock().is_ok_and(|p| p.is_some())
+    }
+
     /// Submits `cb` after any deferred update, in one submission.
     pub(crate) fn submit(&self, cb: wgpu::CommandBuffer) {
         let pending = self.pending.lock().map(|mut p| p.take()).unwrap_or(None);

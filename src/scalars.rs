@@ -83,7 +83,8 @@ pub(crate) struct ScalarSlot {
     pub buffer: wgpu::Buffer,
     /// Two reals copied into the loss before and after each evaluation: NaN (so a
     /// loss the objective leaves unwritten refuses the step instead of being
-    /// stale), then the host's loss where the objective computed it there.
+    /// stale), then, for the GPU's step-size rule, the host's loss where the
+    /// objective computed it there.
     loss_in: wgpu::Buffer,
     /// Copies of the first four scalars, one slot per step of a pipelined run.
     staging: wgpu::Buffer,

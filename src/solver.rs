@@ -478,7 +478,8 @@ impl PolyakSgd {
             buffers: &self.buffers,
             encoder: &mut encoder,
         })?;
-        if let Loss::Host(v) = loss {
+        // Only the GPU's rule reads a host loss there (the host rule has it).
+        if let (Loss::Host(v), true) = (loss, with_update) {
             self.buffers.scalars.encode_host_loss(&mut encoder, v);
         }
         self.kernels.encode_norm(&mut encoder, None);
@@ -508,10 +509,17 @@ impl PolyakSgd {
         scope: wgpu::ErrorScopeGuard,
     ) -> Result<()> {
         let commands = encoder.finish();
-        if let Some(e) = now(scope.pop()) {
-            return Err(Error::Validation(e.to_string()));
-        }
-        let scope = self.validation_scope();
+        let scope = if self.buffers.has_pending() {
+            // The deferred update rides with this submission: check the commands
+            // first, so that a bad one does not take the update down with it.
+            if let Some(e) = now(scope.pop()) {
+                return Err(Error::Validation(e.to_string()));
+            }
+            self.validation_scope()
+        } else {
+            // wgpu rejects an invalid command buffer whole at submission: one scope.
+            scope
+        };
         self.buffers.submit(commands);
         match now(scope.pop()) {
             Some(e) => Err(Error::Validation(e.to_string())),

@@ -318,15 +318,17 @@ impl ParamBuffers {
                 let r = pick(&self.segments[p.segment]);
                 wgpu::BufferBinding {
                     buffer: &r.buffer,
-                    offset: r.offset + (p.offset * 4) as u64,
-                    size: wgpu::BufferSize::new((p.len * 4) as u64),
+                    offset: r.offset + p.offset as u64 * r.elem,
+                    size: wgpu::BufferSize::new(p.len as u64 * r.elem),
                 }
             })
             .collect())
     }
 
     /// Bindings of tensor `name`'s parameters: one per piece (one unless the tensor is
-    /// larger than a segment). Offsets respect `min_storage_buffer_offset_alignment`.
+    /// larger than a segment), each of its piece's elements in the parameters'
+    /// precision (f32, or f64 with [`crate::ParamDtype::F64`]). Offsets respect
+    /// `min_storage_buffer_offset_alignment`.
     pub fn params_bindings(&self, key: impl TensorKey) -> Result<Vec<wgpu::BufferBinding<'_>>> {
         self.bindings(key, |s| &s.params)
     }

@@ -400,3 +400,73 @@ fn every_vector_moves_in_f64_by_tensor_and_whole() {
         ));
     }
 }
+
+/// The bytes of `binding`, read back through a staging buffer.
+fn binding_bytes(ctx: &GpuContext, b: &wgpu::BufferBinding<'_>) -> Vec<u8> {
+    let size = b.size.expect("bindings have a size").get();
+    let staging = ctx.device().create_buffer(&wgpu::BufferDescriptor {
+        label: None,
+        size,
+        usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
+        mapped_at_creation: false,
+    });
+    let mut encoder = ctx.device().create_command_encoder(&Default::default());
+    encoder.copy_buffer_to_buffer(b.buffer, b.offset, &staging, 0, size);
+    ctx.queue().submit([encoder.finish()]);
+    staging
+        .slice(..)
+        .map_async(wgpu::MapMode::Read, |r| r.unwrap());
+    ctx.wait().unwrap();
+    let bytes = staging.slice(..).get_mapped_range().unwrap().to_vec();
+    staging.unmap();
+    bytes
+}
+
+#[test]
+fn tensor_bindings_cover_each_tensor_in_its_own_precision() {
+    // Several tensors per segment and one split over segments, so that bindings
+    // start at offsets other than 0.
+    let ctx = ctx_with_segments(256);
+    let specs = [
+        TensorSpec::new("a", &[37]),
+        TensorSpec::new("b", &[5, 9]),
+        TensorSpec::new("c", &[600]),
+    ];
+    for dtype in [ParamDtype::F64, ParamDtype::F32] {
+        let cfg = PolyakConfig::default().dtype(dtype);
+        let opt = PolyakSgd::with_tensors(&ctx, cfg, &specs).unwrap();
+        let b = opt.buffers();
+        let n: usize = specs.iter().map(TensorSpec::len).sum();
+        b.upload_params_f64(&random64(720, n)).unwrap();
+        b.upload_grads_f64(&random64(721, n)).unwrap();
+        let (all_p, all_g) = (
+            b.download_params_f64().unwrap(),
+            b.download_grads_f64().unwrap(),
+        );
+        let mut start = 0;
+        for spec in &specs {
+            let range = start..start + spec.len();
+            start = range.end;
+            let (p, g) = (all_p[range.clone()].to_vec(), all_g[range].to_vec());
+            for (bindings, want) in [
+                (b.params_bindings(&spec.name).unwrap(), p),
+                (b.grads_bindings(&spec.name).unwrap(), g),
+            ] {
+                let got: Vec<f64> = bindings
+                    .iter()
+                    .flat_map(|bd| {
+                        let bytes = binding_bytes(&ctx, bd);
+                        match dtype {
+                            ParamDtype::F64 => bytemuck::pod_collect_to_vec::<u8, f64>(&bytes),
+                            _ => bytemuck::pod_collect_to_vec::<u8, f32>(&bytes)
+                                .into_iter()
+                                .map(f64::from)
+                                .collect(),
+                        }
+                    })
+                    .collect();
+                assert_eq!(got, want, "{dtype:?} {}", spec.name);
+            }
+        }
+    }
+}

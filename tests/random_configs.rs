@@ -266,7 +266,7 @@ fn random_pipelined_runs_equal_waiting_every_step() {
 #[test]
 fn random_gpu_objectives_follow_the_host_objectives_trajectory() {
     // The quadratic 0.5 ||x - c||^2 with its gradient and loss written by WGSL
-    // kernels (Loss::Device), the norm from our pass or from the kernel's partials,
+    // kernels (Loss::Device) in f32 or f64, the norm from our pass or from the kernel's partials,
     // single updates or pipelined epochs, against the same quadratic on the host:
     // the same trajectory up to the order of the f32 sums.
     let mut rng = SplitMix64::new(99);
@@ -276,9 +276,16 @@ fn random_gpu_objectives_follow_the_host_objectives_trajectory() {
         let segment = [256, 1024, 1 << 20][pick(3)];
         let from_objective = pick(2) == 0;
         let k = [1, 1, 4][pick(3)];
-        let velocity = [VelocityDtype::Full, VelocityDtype::F16][pick(2)];
+        let dtype = [ParamDtype::F32, ParamDtype::F64][pick(2)];
+        let velocity = match dtype {
+            ParamDtype::F32 => [VelocityDtype::Full, VelocityDtype::F16][pick(2)],
+            _ => VelocityDtype::Full,
+        };
+        // (momentum 0.5 with the step 0.5 of this quadratic lands on c in two
+        // steps, exactly in f64: a zero norm and a refused 0/0 step)
         let cfg = PolyakConfig::default()
-            .momentum([0.0, 0.5][pick(2)])
+            .momentum([0.0, 0.3][pick(2)])
+            .dtype(dtype)
             .velocity_dtype(velocity)
             .stepsize_mode([StepSizeMode::Host, StepSizeMode::Device][pick(2)])
             .max_stepsize(0.7);
@@ -308,13 +315,13 @@ fn random_gpu_objectives_follow_the_host_objectives_trajectory() {
         let s = gpu.init_state(|ev| q.eval(ev)).unwrap();
         let s = gpu
             .update_batches(s, |ev, _: &usize| q.eval(ev), 0..8)
-            .unwrap();
+            .unwrap_or_else(|e| panic!("{what}: {e:?}"));
         let mut host = PolyakSgd::new(&ctx, cfg.clone().sync_every(1), &x0).unwrap();
         let quadratic = |ev: &mut Evaluation<'_>| {
-            let x = ev.read_params()?;
-            let g: Vec<f32> = x.iter().zip(&c).map(|(x, c)| x - c).collect();
-            ev.write_grads(&g)?;
-            Ok((Loss::Host(0.5 * common::sqnorm(&g)), ()))
+            let x = ev.read_params_f64()?;
+            let g: Vec<f64> = x.iter().zip(&c).map(|(x, &c)| x - f64::from(c)).collect();
+            ev.write_grads_f64(&g)?;
+            Ok((Loss::Host(0.5 * g.iter().map(|d| d * d).sum::<f64>()), ()))
         };
         let mut h = host.init_state(quadratic).unwrap();
         for _ in 0..8 {
@@ -328,15 +335,15 @@ fn random_gpu_objectives_follow_the_host_objectives_trajectory() {
             "{what}: {s:?} vs {h:?}"
         );
         let (pg, ph) = (
-            gpu.download_params().unwrap(),
-            host.download_params().unwrap(),
+            gpu.buffers().download_params_f64().unwrap(),
+            host.buffers().download_params_f64().unwrap(),
         );
-        let scale = ph.iter().map(|x| x.abs()).fold(0.0f32, f32::max) + 1.0;
+        let scale = ph.iter().map(|x| x.abs()).fold(0.0, f64::max) + 1.0;
         let worst = pg
             .iter()
             .zip(&ph)
             .map(|(a, b)| (a - b).abs())
-            .fold(0.0f32, f32::max);
+            .fold(0.0, f64::max);
         assert!(worst <= 1e-4 * scale, "{what}: params differ by {worst}");
     }
 }

@@ -150,7 +150,8 @@ pub fn two_steps_in(ctx: &GpuContext, n: usize, momentum: f64, seed: u64, mode: 
     );
 }
 
-/// A GPU objective: 0.5 ||x - c||^2 with gradient and loss written by WGSL kernels:
+/// A GPU objective: 0.5 ||x - c||^2 with gradient and loss written by WGSL kernels in
+/// the parameters' precision (f32 or f64):
 /// one invocation per element (one dispatch per piece of the tensor), then one
 /// invocation sums the workgroup partials into the loss slot.
 pub struct GpuQuadratic {
@@ -177,7 +178,7 @@ impl GpuQuadratic {
                 @builtin(workgroup_id) wid: vec3<u32>) {
             let group = wid.y * nwg.x + wid.x;
             let i = group * 256u + lid;
-            var d = 0.0;
+            var d: f32 = 0.0;
             if (i < arrayLength(&c)) {
                 d = x[i] - c[i];
                 g[i] = d;
@@ -193,7 +194,7 @@ impl GpuQuadratic {
         }
         @compute @workgroup_size(256)
         fn total(@builtin(local_invocation_index) lid: u32) {
-            var acc = 0.0;
+            var acc: f32 = 0.0;
             for (var i = lid; i < arrayLength(&partials); i += 256u) { acc += partials[i]; }
             part[lid] = acc;
             workgroupBarrier();
@@ -241,15 +242,26 @@ impl GpuQuadratic {
     ) -> Self {
         use wgpu::util::DeviceExt;
         let device = opt.context().device();
+        // In the parameters' precision: the kernels' f32 becomes f64 with f64 ones.
+        let e = opt.config().dtype.bytes();
+        let (c_bytes, source) = if e == 8 {
+            let c: Vec<f64> = c.iter().map(|&x| f64::from(x)).collect();
+            (
+                bytemuck::cast_slice(&c).to_vec(),
+                Self::SHADER.replace("f32", "f64"),
+            )
+        } else {
+            (bytemuck::cast_slice(c).to_vec(), Self::SHADER.to_string())
+        };
         let c_buf = device.create_buffer_init(&wgpu::util::BufferInitDescriptor {
             label: None,
-            contents: bytemuck::cast_slice(c),
+            contents: &c_bytes,
             usage: wgpu::BufferUsages::STORAGE,
         });
         let groups: Vec<u32> = pieces.iter().map(|p| (p.3 as u32).div_ceil(256)).collect();
         let partials = device.create_buffer(&wgpu::BufferDescriptor {
             label: None,
-            size: u64::from(groups.iter().sum::<u32>()) * 4,
+            size: u64::from(groups.iter().sum::<u32>()) * e,
             usage: wgpu::BufferUsages::STORAGE,
             mapped_at_creation: false,
         });
@@ -261,7 +273,7 @@ impl GpuQuadratic {
         };
         let module = device.create_shader_module(wgpu::ShaderModuleDescriptor {
             label: None,
-            source: wgpu::ShaderSource::Wgsl(Self::SHADER.into()),
+            source: wgpu::ShaderSource::Wgsl(source.into()),
         });
         let pipeline = |entry| {
             device.create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
@@ -295,8 +307,8 @@ impl GpuQuadratic {
             });
             let c_piece = wgpu::BufferBinding {
                 buffer: &c_buf,
-                offset: at as u64 * 4,
-                size: wgpu::BufferSize::new(len as u64 * 4),
+                offset: at as u64 * e,
+                size: wgpu::BufferSize::new(len as u64 * e),
             };
             let bg = group(
                 &grad,

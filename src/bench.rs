@@ -9,8 +9,10 @@ use crate::solver::PolyakSgd;
 use crate::stepsize::{Precision, polyak_stepsize};
 
 /// Fills every tensor's parameters (`params = true`) or gradient with pseudo-random
-/// values in `[-scale, scale)` on the device, without a host upload. Pieces shorter
-/// than 4 elements, and the last `len % 4` elements of each piece, keep their values.
+/// values in `[-scale, scale)` on the device, without a host upload. It fills each
+/// tensor piece of the optimizer's own segments, and each segment of a run of user
+/// tensors whole; pieces shorter than 4 elements, and the last `len % 4` elements
+/// of each piece, keep their values.
 pub fn fill(opt: &PolyakSgd, params: bool, seed: u32, scale: f32) -> Result<()> {
     let ctx = opt.context();
     let source = include_str!("../shaders/bench_fill.wgsl");
@@ -21,49 +23,57 @@ pub fn fill(opt: &PolyakSgd, params: bool, seed: u32, scale: f32) -> Result<()> 
     );
     let pipeline = pipeline(ctx, &shader, "main", &[]);
     let bufs = opt.buffers();
-    let mut encoder = ctx.device().create_command_encoder(&Default::default());
-    for t in bufs.layout().tensors() {
-        let name = t.spec.name.as_str();
-        let bindings = if params {
-            bufs.params_bindings(name)?
-        } else {
-            bufs.grads_bindings(name)?
-        };
-        for (i, b) in bindings.into_iter().enumerate() {
-            let n4 = (t.parts[i].len / 4) as u32;
-            if n4 == 0 {
-                continue;
-            }
-            // One vec4 per invocation: mirrors `Fill` in bench_fill.wgsl.
-            let (x, y) = grid(n4.div_ceil(256));
-            let cfg: [u32; 8] = [
-                n4,
-                seed.wrapping_add(i as u32),
-                x,
-                0,
-                scale.to_bits(),
-                0,
-                0,
-                0,
-            ];
-            let cfg = uniform(ctx, &cfg);
-            let binding = wgpu::BufferBinding {
-                size: wgpu::BufferSize::new(u64::from(n4) * 4 * bufs.real_bytes()),
-                ..b
-            };
-            let group = bind_group(
-                ctx,
-                &pipeline,
-                &[
-                    (0, wgpu::BindingResource::Buffer(binding)),
-                    (1, cfg.as_entire_binding()),
-                ],
-            );
-            let mut pass = encoder.begin_compute_pass(&Default::default());
-            pass.set_pipeline(&pipeline);
-            pass.set_bind_group(0, &group, &[]);
-            pass.dispatch_workgroups(x, y, 1);
+    let layout = bufs.layout();
+    // (segment, first element, elements) of every range to fill: the gaps between
+    // the optimizer's own tensors stay zero.
+    let external = layout.external_segments();
+    let mut ranges: Vec<(usize, usize, usize)> = Vec::new();
+    for (i, &len) in layout.segment_lens().iter().enumerate() {
+        if external[i] {
+            ranges.push((i, 0, len));
         }
+    }
+    for t in layout.tensors().iter().filter(|t| !t.external) {
+        ranges.extend(t.parts.iter().map(|p| (p.segment, p.offset, p.len)));
+    }
+    let mut encoder = ctx.device().create_command_encoder(&Default::default());
+    for (k, (segment, first, len)) in ranges.into_iter().enumerate() {
+        let n4 = (len / 4) as u32;
+        if n4 == 0 {
+            continue;
+        }
+        let s = &bufs.segments[segment];
+        let region = if params { &s.params } else { &s.grads };
+        // One vec4 per invocation: mirrors `Fill` in bench_fill.wgsl.
+        let (x, y) = grid(n4.div_ceil(256));
+        let cfg: [u32; 8] = [
+            n4,
+            seed.wrapping_add(k as u32),
+            x,
+            0,
+            scale.to_bits(),
+            0,
+            0,
+            0,
+        ];
+        let cfg = uniform(ctx, &cfg);
+        let binding = wgpu::BufferBinding {
+            buffer: &region.buffer,
+            offset: region.offset + first as u64 * region.elem,
+            size: wgpu::BufferSize::new(u64::from(n4) * 4 * region.elem),
+        };
+        let group = bind_group(
+            ctx,
+            &pipeline,
+            &[
+                (0, wgpu::BindingResource::Buffer(binding)),
+                (1, cfg.as_entire_binding()),
+            ],
+        );
+        let mut pass = encoder.begin_compute_pass(&Default::default());
+        pass.set_pipeline(&pipeline);
+        pass.set_bind_group(0, &group, &[]);
+        pass.dispatch_workgroups(x, y, 1);
     }
     ctx.queue().submit([encoder.finish()]);
     ctx.wait()

@@ -13,7 +13,7 @@ mod external;
 mod transfer;
 
 pub use external::ExternalTensor;
-pub(crate) use external::check_disjoint;
+pub(crate) use external::{check_disjoint, runs as external_runs};
 pub(crate) use transfer::{Elem, read_bytes, read_mapped};
 
 /// A range of a buffer: where one segment's vector starts.
@@ -86,16 +86,10 @@ pub struct ParamBuffers {
 /// the segments it owns, and a velocity of `velocity_bytes` per element (0: none)
 /// for every segment.
 pub(crate) fn vector_bytes(layout: &Layout, real_bytes: u64, velocity_bytes: u64) -> u64 {
-    let mut external = vec![false; layout.segment_lens().len()];
-    for t in layout.tensors().iter().filter(|t| t.external) {
-        for p in &t.parts {
-            external[p.segment] = true;
-        }
-    }
     layout
         .segment_lens()
         .iter()
-        .zip(external)
+        .zip(layout.external_segments())
         .map(|(&len, ext)| len as u64 * (2 * real_bytes * u64::from(!ext) + velocity_bytes))
         .sum()
 }
@@ -137,23 +131,28 @@ impl ParamBuffers {
             offset: 0,
             elem: real_bytes,
         };
-        // Which user region each external segment starts at.
+        // Which user region each external segment starts at: the byte of the
+        // segment's element 0, which may lie in an earlier tensor of its run.
         let mut user: Vec<Option<(Region, Region)>> = vec![None; layout.segment_lens().len()];
         for (t, ext) in layout.tensors().iter().filter(|t| t.external).zip(external) {
             for p in &t.parts {
-                let at = p.tensor_offset as u64 * real_bytes;
-                user[p.segment] = Some((
-                    Region {
-                        buffer: ext.params.clone(),
-                        offset: ext.params_offset + at,
-                        elem: real_bytes,
-                    },
-                    Region {
-                        buffer: ext.grads.clone(),
-                        offset: ext.grads_offset + at,
-                        elem: real_bytes,
-                    },
-                ));
+                let start = |offset: u64| {
+                    offset + p.tensor_offset as u64 * real_bytes - p.offset as u64 * real_bytes
+                };
+                user[p.segment].get_or_insert_with(|| {
+                    (
+                        Region {
+                            buffer: ext.params.clone(),
+                            offset: start(ext.params_offset),
+                            elem: real_bytes,
+                        },
+                        Region {
+                            buffer: ext.grads.clone(),
+                            offset: start(ext.grads_offset),
+                            elem: real_bytes,
+                        },
+                    )
+                });
             }
         }
         let segments = layout

@@ -6,8 +6,9 @@
 //! at an offset aligned to the device's `min_storage_buffer_offset_alignment` (so a
 //! user kernel can bind it alone); a tensor that fits in a segment never straddles
 //! two; a tensor larger than a segment continues in the next ones. Gaps are zero in
-//! every vector and stay zero. A tensor whose buffers the user owns gets segments of
-//! its own. The kernels run once per segment, never once per tensor.
+//! every vector and stay zero. Tensors whose buffers the user owns get segments of
+//! their own, shared by a run of them laid back to back in the user's buffers.
+//! The kernels run once per segment, never once per tensor.
 
 use crate::error::{Error, Result};
 
@@ -235,32 +236,43 @@ impl Layout {
         Ok(TensorId(self.tensors.len() - 1))
     }
 
-    /// Places a user-owned tensor in segments of its own (its length must be a
-    /// multiple of 4; the caller checks).
-    pub(crate) fn place_external(&mut self, spec: &TensorSpec) -> Result<TensorId> {
-        self.check_new(spec)?;
-        let len = spec.len();
-        let mut parts = Vec::new();
-        let mut done = 0;
-        while done < len {
-            let n = (len - done).min(self.capacity);
-            let seg = self.new_segment(false);
-            self.segment_lens[seg] = n;
-            parts.push(Part {
-                segment: seg,
-                offset: 0,
-                len: n,
-                tensor_offset: done,
+    /// Places a run of user-owned tensors that lie back to back in the user's
+    /// buffers in segments of their own, as one vector cut every `capacity`
+    /// elements (its total length must be a multiple of 4; the caller checks).
+    pub(crate) fn place_external<'a>(
+        &mut self,
+        run: impl IntoIterator<Item = &'a TensorSpec>,
+    ) -> Result<()> {
+        let mut at = None; // (segment, elements used) of the run so far
+        for spec in run {
+            self.check_new(spec)?;
+            let len = spec.len();
+            let mut parts = Vec::new();
+            let mut done = 0;
+            while done < len {
+                let (seg, off) = match at {
+                    Some((seg, off)) if off < self.capacity => (seg, off),
+                    _ => (self.new_segment(false), 0),
+                };
+                let n = (len - done).min(self.capacity - off);
+                parts.push(Part {
+                    segment: seg,
+                    offset: off,
+                    len: n,
+                    tensor_offset: done,
+                });
+                self.segment_lens[seg] = off + n;
+                at = Some((seg, off + n));
+                done += n;
+            }
+            self.tensors.push(TensorPlacement {
+                spec: spec.clone(),
+                parts,
+                external: true,
             });
-            done += n;
         }
         self.arena_open = false;
-        self.tensors.push(TensorPlacement {
-            spec: spec.clone(),
-            parts,
-            external: true,
-        });
-        Ok(TensorId(self.tensors.len() - 1))
+        Ok(())
     }
 
     /// Pads arena segments to whole vec4s; errors if there is no tensor at all.
@@ -296,6 +308,17 @@ impl Layout {
     /// Segment lengths in elements (each a multiple of 4).
     pub fn segment_lens(&self) -> &[usize] {
         &self.segment_lens
+    }
+
+    /// Whether each segment holds user-owned tensors (a run of them, whole).
+    pub fn external_segments(&self) -> Vec<bool> {
+        let mut external = vec![false; self.segment_lens.len()];
+        for t in self.tensors.iter().filter(|t| t.external) {
+            for p in &t.parts {
+                external[p.segment] = true;
+            }
+        }
+        external
     }
 
     /// Sum of all tensor lengths (the logical parameter count).
@@ -370,7 +393,7 @@ mod tests {
     fn external_tensors_get_their_own_segments() {
         let mut l = Layout::empty(8, 16).unwrap();
         l.place(&TensorSpec::new("a", &[3])).unwrap();
-        l.place_external(&TensorSpec::new("x", &[36])).unwrap();
+        l.place_external([&TensorSpec::new("x", &[36])]).unwrap();
         l.place(&TensorSpec::new("b", &[5])).unwrap();
         let l = l.finish().unwrap();
         let t = l.tensors();
@@ -382,6 +405,34 @@ mod tests {
         // an owned tensor after an external one starts a fresh arena segment
         assert_eq!(t[2].parts, vec![part(4, 0, 5, 0)]);
         assert_eq!(l.segment_lens(), &[4, 16, 16, 4, 8]);
+    }
+
+    #[test]
+    fn a_run_of_external_tensors_shares_segments() {
+        // 3 + 10 + 7 + 20 = 40 elements back to back, cut every 16 elements
+        // whatever the tensor boundaries; the next run starts a segment.
+        let mut l = Layout::empty(8, 16).unwrap();
+        let run = specs(&[3, 10, 7, 20]);
+        l.place_external(&run).unwrap();
+        l.place_external([&TensorSpec::new("y", &[4])]).unwrap();
+        let l = l.finish().unwrap();
+        let parts: Vec<_> = l.tensors().iter().map(|t| t.parts.clone()).collect();
+        assert_eq!(
+            parts,
+            vec![
+                vec![part(0, 0, 3, 0)],
+                vec![part(0, 3, 10, 0)],
+                vec![part(0, 13, 3, 0), part(1, 0, 4, 3)],
+                vec![part(1, 4, 12, 0), part(2, 0, 8, 12)],
+                vec![part(3, 0, 4, 0)],
+            ]
+        );
+        assert_eq!(l.segment_lens(), &[16, 16, 8, 4]);
+        assert!(l.tensors().iter().all(|t| t.external));
+        // names are still checked within a run
+        let mut l = Layout::empty(8, 16).unwrap();
+        let dup = [TensorSpec::new("a", &[4]), TensorSpec::new("a", &[4])];
+        assert!(matches!(l.place_external(&dup), Err(Error::Tensor(..))));
     }
 
     #[test]

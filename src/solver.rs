@@ -1,7 +1,8 @@
 //! `PolyakSgd`: jaxopt's `PolyakSGD` with parameters, gradients and velocity on the GPU.
 
 use crate::buffers::{
-    ExternalTensor, ParamBuffers, check_disjoint, device_segment_capacity, vector_bytes,
+    ExternalTensor, ParamBuffers, check_disjoint, device_segment_capacity, external_runs,
+    vector_bytes,
 };
 use crate::config::{NonFinitePolicy, PolyakConfig, StepSizeMode};
 use crate::context::{GpuContext, now};
@@ -129,9 +130,10 @@ impl PolyakSgdBuilder {
         }
         let limits = ctx.limits();
         for e in &external {
-            e.validate(limits, real)?;
+            e.validate(real)?;
         }
         check_disjoint(&external, real)?;
+        let runs = external_runs(&external, limits, real)?;
         let align = (limits.min_storage_buffer_offset_alignment as usize / real as usize).max(4);
         let capacity = ctx
             .max_segment_elements()
@@ -141,8 +143,8 @@ impl PolyakSgdBuilder {
         for t in &owned {
             layout.place(t)?;
         }
-        for e in &external {
-            layout.place_external(&e.spec)?;
+        for run in runs {
+            layout.place_external(external[run].iter().map(|e| &e.spec))?;
         }
         let layout = layout.finish()?;
         let needed = vector_bytes(&layout, real, config.velocity_bytes());

@@ -13,9 +13,21 @@ use polyak_gpu::{
     PolyakSgd, Precision, State, StepSizeMode, TensorSpec, Variant, VelocityDtype, polyak_stepsize,
 };
 
-/// A random model and configuration: tensors the optimizer owns, tensors whose
-/// buffers the user owns (lengths a multiple of 4), and the segment size.
-type Drawn = (Vec<TensorSpec>, Vec<TensorSpec>, PolyakConfig, usize);
+/// A random model and configuration.
+#[derive(Debug, Clone)]
+struct Drawn {
+    /// Tensors the optimizer owns.
+    specs: Vec<TensorSpec>,
+    /// Tensors whose buffers the user owns.
+    external: Vec<TensorSpec>,
+    /// Whether those lie back to back in one pair of buffers (one run, lengths of
+    /// any size adding up to a multiple of 4) or each in buffers of its own
+    /// (lengths a multiple of 4).
+    arena: bool,
+    cfg: PolyakConfig,
+    /// Most elements per segment.
+    segment: usize,
+}
 
 fn draw(rng: &mut SplitMix64) -> Drawn {
     let mut pick = |n: u64| (rng.next_u64() % n) as usize;
@@ -26,9 +38,15 @@ fn draw(rng: &mut SplitMix64) -> Drawn {
             TensorSpec::new(format!("t{i}"), &shape)
         })
         .collect();
-    let external = (0..pick(3))
-        .map(|i| TensorSpec::new(format!("u{i}"), &[4 * (1 + pick(100)), 1 + pick(2)]))
+    let arena = pick(2) == 0;
+    let unit = if arena { 1 } else { 4 };
+    let mut external: Vec<TensorSpec> = (0..pick(3))
+        .map(|i| TensorSpec::new(format!("u{i}"), &[unit * (1 + pick(100)), 1 + pick(2)]))
         .collect();
+    let n: usize = external.iter().map(TensorSpec::len).sum();
+    if !n.is_multiple_of(4) {
+        external.push(TensorSpec::new("pad", &[4 - n % 4]));
+    }
     let momentum = [0.0, 0.5, 0.9][pick(3)];
     let dtype = [ParamDtype::F32, ParamDtype::F32, ParamDtype::F64][pick(3)];
     let velocity = if dtype == ParamDtype::F32 && pick(2) == 0 {
@@ -45,12 +63,25 @@ fn draw(rng: &mut SplitMix64) -> Drawn {
         .fun_min(-1.0)
         .max_stepsize([1e6, 0.05][pick(2)])
         .delta([0.0, 0.1][pick(2)]);
-    (specs, external, cfg, [64, 256, 1 << 20][pick(3)])
+    Drawn {
+        specs,
+        external,
+        arena,
+        cfg,
+        segment: [64, 256, 1 << 20][pick(3)],
+    }
 }
 
 /// The optimizer of a drawn model, with fresh user buffers (zeroed, at an aligned
 /// offset) for its external tensors.
-fn build(ctx: &GpuContext, (specs, external, cfg, _): &Drawn) -> PolyakSgd {
+fn build(ctx: &GpuContext, drawn: &Drawn) -> PolyakSgd {
+    let Drawn {
+        specs,
+        external,
+        arena,
+        cfg,
+        ..
+    } = drawn;
     let real = cfg.dtype.bytes();
     let align = u64::from(ctx.limits().min_storage_buffer_offset_alignment);
     let buffer = |len: usize| {
@@ -67,14 +98,24 @@ fn build(ctx: &GpuContext, (specs, external, cfg, _): &Drawn) -> PolyakSgd {
     for t in specs {
         b = b.tensor(t.clone());
     }
+    let total: usize = external.iter().map(TensorSpec::len).sum();
+    let shared = (buffer(total), buffer(total));
+    let mut at = 0;
     for t in external {
+        let (params, grads) = if *arena {
+            shared.clone()
+        } else {
+            (buffer(t.len()), buffer(t.len()))
+        };
+        let first = if *arena { at } else { 0 };
         b = b.external(ExternalTensor {
             spec: t.clone(),
-            params: buffer(t.len()),
-            params_offset: align,
-            grads: buffer(t.len()),
-            grads_offset: 0,
+            params,
+            params_offset: align + first,
+            grads,
+            grads_offset: first,
         });
+        at += t.len() as u64 * real;
     }
     b.build().unwrap()
 }
@@ -166,8 +207,8 @@ fn random_configurations_match_f64_step_by_step_and_resume_bit_for_bit() {
     let mut rng = SplitMix64::new(2026);
     for case in 0..24 {
         let drawn = draw(&mut rng);
-        let (specs, external, cfg, segment) = &drawn;
-        let what = format!("case {case}: {cfg:?}, segments of {segment}, {specs:?} {external:?}");
+        let Drawn { cfg, segment, .. } = &drawn;
+        let what = format!("case {case}: {drawn:?}");
         let ctx = ctx_with_segments(*segment);
         let mut opt = build(&ctx, &drawn);
         // Every other case defers its updates (host rule: one submission a step);
@@ -210,30 +251,37 @@ fn random_pipelined_runs_equal_waiting_every_step() {
     // ends exactly where waiting every step ends (state, error, every bit).
     let mut rng = SplitMix64::new(7);
     for case in 0..12 {
-        let (specs, external, cfg, segment) = draw(&mut rng);
+        let drawn = draw(&mut rng);
         let policy = [NonFinitePolicy::Refuse, NonFinitePolicy::Skip][case % 2];
-        let cfg = cfg
+        let cfg = drawn
+            .cfg
+            .clone()
             .stepsize_mode(StepSizeMode::Device)
             .nonfinite(policy)
             .maxiter(12);
         let k = 2 + (rng.next_u64() % 8) as usize;
-        let what = format!("case {case}: sync_every {k}, {cfg:?}, {segment}, {specs:?}");
-        let ctx = ctx_with_segments(segment);
+        let what = format!("case {case}: sync_every {k}, {cfg:?}, {drawn:?}");
+        let ctx = ctx_with_segments(drawn.segment);
         let wide = cfg.dtype == ParamDtype::F64;
-        let n: usize = specs.iter().chain(&external).map(|t| t.len()).sum();
+        let n: usize = drawn
+            .specs
+            .iter()
+            .chain(&drawn.external)
+            .map(|t| t.len())
+            .sum();
         let p: Vec<f64> = (0..n).map(|_| rng.upm1()).collect();
         let grads: Vec<Vec<f64>> = (0..13)
             .map(|_| (0..n).map(|_| rng.upm1()).collect())
             .collect();
         let bad = 1 + (rng.next_u64() % 12) as usize;
         let outcome = |sync_every: usize| {
-            let drawn = (
-                specs.clone(),
-                external.clone(),
-                cfg.clone().sync_every(sync_every),
-                segment,
+            let mut opt = build(
+                &ctx,
+                &Drawn {
+                    cfg: cfg.clone().sync_every(sync_every),
+                    ..drawn.clone()
+                },
             );
-            let mut opt = build(&ctx, &drawn);
             opt.buffers().upload_params_f64(&p).unwrap();
             let batch = |ev: &mut Evaluation<'_>, b: &usize| {
                 let value = if *b == bad {

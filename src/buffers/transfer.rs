@@ -17,8 +17,8 @@ impl Region {
     }
 
     /// Hands the stored bytes of elements `first..first + len` to `f` (submits and
-    /// waits). Copies move whole 4-byte words: an odd count of f16 elements is read
-    /// with the next one, a zero of the padding that follows every tensor.
+    /// waits). Copies move whole 4-byte words: an f16 range that starts or ends
+    /// mid-word is read with the neighbouring element.
     fn read_raw<T>(
         &self,
         ctx: &GpuContext,
@@ -28,29 +28,41 @@ impl Region {
     ) -> Result<T> {
         let at = self.offset + first as u64 * self.elem;
         let size = len as u64 * self.elem;
-        read_bytes_with(ctx, &self.buffer, at, size.next_multiple_of(4), |b| {
-            f(&b[..size as usize])
+        let (lo, hi) = (at - at % 4, (at + size).next_multiple_of(4));
+        read_bytes_with(ctx, &self.buffer, lo, hi - lo, |b| {
+            f(&b[(at - lo) as usize..][..size as usize])
         })
     }
 
     /// Queues `data` into elements `first..`, converted to the region's type (rounded
     /// to nearest where it is narrower).
-    fn write<T: Elem>(&self, queue: &wgpu::Queue, first: usize, data: &[T]) {
-        self.write_raw(queue, first, &T::to_bytes(data, self.elem));
+    fn write<T: Elem>(&self, ctx: &GpuContext, first: usize, data: &[T]) -> Result<()> {
+        self.write_raw(ctx, first, &T::to_bytes(data, self.elem))
     }
 
     /// Queues `bytes`, elements of the region's type, into elements `first..`.
-    /// Writes move whole 4-byte words: an odd count of f16 elements is written with
-    /// a zero after it, into the padding that follows every tensor (which stays 0).
-    fn write_raw(&self, queue: &wgpu::Queue, first: usize, bytes: &[u8]) {
+    /// Writes move whole 4-byte words: an f16 range that starts or ends mid-word
+    /// keeps the other half of each edge word as it was (the velocity of the next or
+    /// previous tensor in a run of user tensors, or padding), read back first.
+    fn write_raw(&self, ctx: &GpuContext, first: usize, bytes: &[u8]) -> Result<()> {
         let at = self.offset + first as u64 * self.elem;
-        if bytes.len().is_multiple_of(4) {
-            queue.write_buffer(&self.buffer, at, bytes);
-        } else {
-            let mut padded = bytes.to_vec();
-            padded.resize(bytes.len().next_multiple_of(4), 0);
-            queue.write_buffer(&self.buffer, at, &padded);
+        let end = at + bytes.len() as u64;
+        if at.is_multiple_of(4) && end.is_multiple_of(4) {
+            ctx.queue().write_buffer(&self.buffer, at, bytes);
+            return Ok(());
         }
+        let (lo, hi) = (at - at % 4, end.next_multiple_of(4));
+        let mut words = vec![0u8; (hi - lo) as usize];
+        if lo < at {
+            words[..4].copy_from_slice(&read_bytes(ctx, &self.buffer, lo, 4)?);
+        }
+        if end < hi {
+            let last = words.len() - 4;
+            words[last..].copy_from_slice(&read_bytes(ctx, &self.buffer, hi - 4, 4)?);
+        }
+        words[(at - lo) as usize..][..bytes.len()].copy_from_slice(bytes);
+        ctx.queue().write_buffer(&self.buffer, lo, &words);
+        Ok(())
     }
 }
 
@@ -148,7 +160,7 @@ impl ParamBuffers {
             let r = pick(&self.segments[p.segment]).ok_or_else(no_velocity)?;
             needs(&r.buffer, wgpu::BufferUsages::COPY_DST, &t.spec.name)?;
             let src = &data[p.tensor_offset..p.tensor_offset + p.len];
-            r.write(self.ctx.queue(), p.offset, src);
+            r.write(&self.ctx, p.offset, src)?;
         }
         Ok(())
     }
@@ -290,13 +302,9 @@ impl ParamBuffers {
                 buf.resize(len * elem as usize, 0);
                 read((p.tensor_offset + first) as u64 * elem, &mut buf)?;
                 if elem == r.elem {
-                    r.write_raw(self.ctx.queue(), p.offset + first, &buf);
+                    r.write_raw(&self.ctx, p.offset + first, &buf)?;
                 } else {
-                    r.write(
-                        self.ctx.queue(),
-                        p.offset + first,
-                        &f64::from_bytes(&buf, elem),
-                    );
+                    r.write(&self.ctx, p.offset + first, &f64::from_bytes(&buf, elem))?;
                 }
                 *queued += (len as u64) * r.elem;
                 if *queued >= CHUNK_BYTES {

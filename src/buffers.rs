@@ -326,8 +326,10 @@ impl ParamBuffers {
 
     /// Bindings of tensor `name`'s parameters: one per piece (one unless the tensor is
     /// larger than a segment), each of its piece's elements in the parameters'
-    /// precision (f32, or f64 with [`crate::ParamDtype::F64`]). Offsets respect
-    /// `min_storage_buffer_offset_alignment`.
+    /// precision (f32, or f64 with [`crate::ParamDtype::F64`]). Offsets of the
+    /// optimizer's own tensors respect `min_storage_buffer_offset_alignment`; a user
+    /// tensor inside a run starts where it lies in your buffer (see
+    /// [`ExternalTensor`]).
     pub fn params_bindings(&self, key: impl TensorKey) -> Result<Vec<wgpu::BufferBinding<'_>>> {
         self.bindings(key, |s| &s.params)
     }

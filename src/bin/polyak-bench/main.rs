@@ -8,8 +8,8 @@
 use indicatif::{ProgressBar, ProgressStyle};
 use polyak_gpu::bench::{self, CopyBench, CpuBaseline, fill};
 use polyak_gpu::{
-    AdapterChoice, ContextOptions, Evaluation, GpuContext, Loss, ParamDtype, PolyakConfig,
-    PolyakSgd, Result, StepSizeMode, TensorSpec, VelocityDtype,
+    AdapterChoice, ContextOptions, Evaluation, ExternalTensor, GpuContext, Loss, ParamDtype,
+    PolyakConfig, PolyakSgd, PolyakSgdBuilder, Result, StepSizeMode, TensorSpec, VelocityDtype,
 };
 use serde_json::{Value, json};
 use std::time::Instant;
@@ -34,8 +34,20 @@ options:
   --norm-from-objective on|off
                       the objective writes the squared-norm partials (20 / 12 bytes
                       per parameter instead of 24 / 16; default off)
+  --tensors K         split each size into K tensors (default 1)
+  --tensors-in W      owned | arena | separate: the optimizer's own buffers (default),
+                      user buffers with the tensors back to back (one run), or a pair
+                      of user buffers per tensor (two dispatches per tensor)
   --json FILE         also write the results as JSON
 ";
+
+/// Where the benchmark's tensors live (`--tensors-in`).
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Storage {
+    Owned,
+    Arena,
+    Separate,
+}
 
 struct Args {
     sizes: Vec<usize>,
@@ -51,6 +63,8 @@ struct Args {
     norm_from_objective: bool,
     velocity: VelocityDtype,
     dtype: ParamDtype,
+    tensors: usize,
+    storage: Storage,
     json: Option<String>,
 }
 
@@ -78,6 +92,8 @@ fn parse_args() -> std::result::Result<Args, String> {
         norm_from_objective: false,
         velocity: VelocityDtype::Full,
         dtype: ParamDtype::F32,
+        tensors: 1,
+        storage: Storage::Owned,
         json: None,
     };
     let mut it = std::env::args().skip(1);
@@ -134,6 +150,15 @@ fn parse_args() -> std::result::Result<Args, String> {
                     "f32" => VelocityDtype::Full,
                     "f16" => VelocityDtype::F16,
                     _ => return Err(format!("--velocity f32|f16, not {value:?}")),
+                }
+            }
+            "--tensors" => a.tensors = parse_count(&value)?,
+            "--tensors-in" => {
+                a.storage = match value.as_str() {
+                    "owned" => Storage::Owned,
+                    "arena" => Storage::Arena,
+                    "separate" => Storage::Separate,
+                    _ => return Err(format!("--tensors-in owned|arena|separate, not {value:?}")),
                 }
             }
             "--json" => a.json = Some(value),
@@ -336,9 +361,15 @@ fn run(args: &Args) -> Result<()> {
          device with {PIPELINE} steps per wait"
     );
     println!(
-        "rows below: step size on the {}, {} step(s) per wait\n",
+        "rows below: step size on the {}, {} step(s) per wait, {} tensor(s) in {} buffers\n",
         mode_name(args.stepsize),
-        args.sync_every
+        args.sync_every,
+        args.tensors,
+        match args.storage {
+            Storage::Owned => "the optimizer's",
+            Storage::Arena => "one pair of user",
+            Storage::Separate => "separate user",
+        }
     );
 
     let total = args.sizes.len() * args.momentum.len();
@@ -444,6 +475,8 @@ fn run(args: &Args) -> Result<()> {
             "norm_from_objective": args.norm_from_objective,
             "velocity_dtype": format!("{:?}", args.velocity),
             "dtype": format!("{:?}", args.dtype),
+            "tensors": args.tensors,
+            "tensors_in": format!("{:?}", args.storage),
             "peak_rss_MiB": bench::peak_rss_mib(),
             "rows": rows,
         });
@@ -493,6 +526,57 @@ fn bytes_per_param(args: &Args, momentum: bool) -> usize {
     norm + 3 * real + 2 * velocity
 }
 
+/// Adds `n` parameters to `builder` as `--tensors` tensors stored as `--tensors-in`
+/// says: lengths a multiple of 4 (the last one takes the rest), user buffers
+/// zeroed.
+fn tensors(
+    ctx: &GpuContext,
+    mut builder: PolyakSgdBuilder,
+    args: &Args,
+    n: usize,
+) -> PolyakSgdBuilder {
+    let k = args.tensors.clamp(1, n.div_ceil(4));
+    let each = (n / k) / 4 * 4;
+    let lens: Vec<usize> = (0..k)
+        .map(|i| if i + 1 < k { each } else { n - each * (k - 1) })
+        .collect();
+    let real = args.dtype.bytes();
+    let buffer = |len: usize| {
+        ctx.device().create_buffer(&wgpu::BufferDescriptor {
+            label: Some("bench user tensor"),
+            size: (len as u64 * real).next_multiple_of(16),
+            usage: wgpu::BufferUsages::STORAGE
+                | wgpu::BufferUsages::COPY_SRC
+                | wgpu::BufferUsages::COPY_DST,
+            mapped_at_creation: false,
+        })
+    };
+    let arena = (args.storage == Storage::Arena).then(|| (buffer(n), buffer(n)));
+    let mut at = 0;
+    for (i, &len) in lens.iter().enumerate() {
+        let spec = TensorSpec::new(format!("t{i}"), &[len]);
+        builder = match (args.storage, &arena) {
+            (Storage::Arena, Some((p, g))) => builder.external(ExternalTensor {
+                spec,
+                params: p.clone(),
+                params_offset: at,
+                grads: g.clone(),
+                grads_offset: at,
+            }),
+            (Storage::Separate, _) => builder.external(ExternalTensor {
+                spec,
+                params: buffer(len),
+                params_offset: 0,
+                grads: buffer(len),
+                grads_offset: 0,
+            }),
+            _ => builder.tensor(spec),
+        };
+        at += len as u64 * real;
+    }
+    builder
+}
+
 fn measure(ctx: &GpuContext, args: &Args, n: usize, momentum: bool, copy_gbps: f64) -> Value {
     let bytes_per_param = bytes_per_param(args, momentum);
     let mut row = json!({"n": n, "momentum": momentum, "bytes_per_param": bytes_per_param});
@@ -514,7 +598,7 @@ fn measure(ctx: &GpuContext, args: &Args, n: usize, momentum: bool, copy_gbps: f
         let cfg = config(momentum, args.stepsize, args.sync_every)
             .velocity_dtype(args.velocity)
             .dtype(args.dtype);
-        let mut builder = PolyakSgd::builder(ctx, cfg).tensor(TensorSpec::new("params", &[n]));
+        let mut builder = tensors(ctx, PolyakSgd::builder(ctx, cfg), args, n);
         let mut partials = None;
         if args.norm_from_objective {
             builder = builder.norm_from_objective(BENCH_PARTIALS);
@@ -545,6 +629,9 @@ fn measure(ctx: &GpuContext, args: &Args, n: usize, momentum: bool, copy_gbps: f
             "device_bytes": opt.device_bytes(),
             "scratch_bytes": opt.scratch_bytes(),
             "segments": opt.buffers().layout().segment_lens().len(),
+            "tensors": opt.buffers().layout().tensors().len(),
+            "tensors_in": format!("{:?}", args.storage),
+            "dispatches_per_step": opt.dispatches_per_step(),
         }))
     })();
     match gpu {

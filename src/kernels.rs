@@ -13,6 +13,16 @@ const MAX_DIM: u32 = 65_535;
 /// 65,535 iterations; the geometry adds workgroups rather than go near that.
 const MAX_ITERATIONS: u32 = 4096;
 
+/// Segments of at most this many elements share dispatches, up to
+/// [`Kernels::batch_limit`] of them (`norm_batch.wgsl`, `update_batch.wgsl`): a model
+/// of many small tensors in separate user buffers would otherwise pay a dispatch's
+/// fixed cost twice per tensor. Larger segments keep the kernels of their own.
+pub(crate) const SMALL_SEGMENT: usize = 1 << 20;
+
+/// Most segments in one batch (the storage bindings of a stage allow fewer on some
+/// devices: three per segment in the update).
+const MAX_BATCH: usize = 10;
+
 /// Dispatch geometry of one segment; mirrors `Geometry` in the shaders.
 #[repr(C)]
 #[derive(Debug, Clone, Copy, PartialEq, Eq, bytemuck::Pod, bytemuck::Zeroable)]
@@ -22,7 +32,9 @@ pub(crate) struct Geometry {
     pub groups_x: u32,
     pub groups: u32,
     pub partial_base: u32,
-    pub pad: [u32; 3],
+    /// In a batch: the batch's first workgroup on this segment.
+    pub first: u32,
+    pub pad: [u32; 2],
 }
 
 impl Geometry {
@@ -42,7 +54,8 @@ impl Geometry {
             groups_x: groups.min(MAX_DIM),
             groups,
             partial_base,
-            pad: [0; 3],
+            first: 0,
+            pad: [0; 2],
         }
     }
 
@@ -88,17 +101,78 @@ impl RuleUniform {
     }
 }
 
+/// One recorded dispatch: which of [`Kernels`]' pipelines, its bind group, its grid.
+#[derive(Debug)]
+struct Dispatch {
+    pipeline: usize,
+    group: wgpu::BindGroup,
+    grid: (u32, u32),
+}
+
 /// Everything the norm and the update need, built once.
 #[derive(Debug)]
 pub(crate) struct Kernels {
-    norm_pipeline: wgpu::ComputePipeline,
+    /// The pipelines the dispatches use: one segment's norm and update, and those
+    /// of each batch size in use.
+    pipelines: Vec<wgpu::ComputePipeline>,
     final_pipeline: wgpu::ComputePipeline,
-    update_pipeline: wgpu::ComputePipeline,
-    norm_groups: Vec<wgpu::BindGroup>,
-    update_groups: Vec<wgpu::BindGroup>,
+    /// The first norm pass: one dispatch per segment or batch of small segments
+    /// (none when the objective computes the norm).
+    norm: Vec<Dispatch>,
+    /// The update: one dispatch per segment or batch of small segments.
+    update: Vec<Dispatch>,
     final_group: wgpu::BindGroup,
-    geometries: Vec<Geometry>,
     partials_bytes: u64,
+    uniform_bytes: u64,
+}
+
+/// Splits segments of lengths `lens` into batches that share dispatches: runs of
+/// consecutive segments of at most [`SMALL_SEGMENT`] elements, at most `most` long;
+/// every other segment alone.
+fn batches(lens: &[usize], most: usize) -> Vec<std::ops::Range<usize>> {
+    let mut out: Vec<std::ops::Range<usize>> = Vec::new();
+    for (i, &len) in lens.iter().enumerate() {
+        let small = len <= SMALL_SEGMENT;
+        match out.last_mut() {
+            Some(b) if small && lens[b.start] <= SMALL_SEGMENT && b.len() < most => {
+                b.end = i + 1;
+            }
+            _ => out.push(i..i + 1),
+        }
+    }
+    out
+}
+
+/// `source` with each block of lines between a `// @each` line and a `// @end` line
+/// repeated once per segment of a batch of `m`, with the placeholders `subst(k)`
+/// gives for segment `k` replaced, and `$M` set to `m`.
+fn expand(source: &str, m: usize, subst: impl Fn(usize) -> Vec<(&'static str, usize)>) -> String {
+    let mut out = String::new();
+    let mut block: Option<Vec<&str>> = None;
+    for line in source.lines() {
+        match (line.trim(), &mut block) {
+            ("// @each", _) => block = Some(Vec::new()),
+            ("// @end", Some(lines)) => {
+                for k in 0..m {
+                    for l in lines.iter() {
+                        let mut l = l.to_string();
+                        for (placeholder, value) in subst(k) {
+                            l = l.replace(placeholder, &value.to_string());
+                        }
+                        out.push_str(&l);
+                        out.push('\n');
+                    }
+                }
+                block = None;
+            }
+            (_, Some(lines)) => lines.push(line),
+            (_, None) => {
+                out.push_str(&line.replace("$M", &m.to_string()));
+                out.push('\n');
+            }
+        }
+    }
+    out
 }
 
 pub(crate) fn pipeline(
@@ -229,48 +303,68 @@ impl Kernels {
     /// Compiles the kernels for `config` (momentum, step-size rule) and binds them
     /// to `bufs`.
     pub fn new(ctx: &GpuContext, bufs: &ParamBuffers, config: &PolyakConfig) -> Self {
-        let mut geometries = Vec::new();
-        let mut base = 0u32;
-        for s in &bufs.segments {
-            let g = Geometry::new((s.len / 4) as u32, ctx.max_workgroups(), base);
-            base += g.groups;
-            geometries.push(g);
-        }
-        Self::with_geometries(ctx, bufs, config, geometries)
+        let geometries = Self::geometries(ctx, bufs);
+        Self::with_geometries(ctx, bufs, config, geometries, Self::batch_limit(ctx))
     }
 
-    /// As [`Kernels::new`] with the dispatch geometry of each segment given.
+    /// The geometry of each segment, with its partials after the previous ones'.
+    fn geometries(ctx: &GpuContext, bufs: &ParamBuffers) -> Vec<Geometry> {
+        let mut base = 0u32;
+        bufs.segments
+            .iter()
+            .map(|s| {
+                let g = Geometry::new((s.len / 4) as u32, ctx.max_workgroups(), base);
+                base += g.groups;
+                g
+            })
+            .collect()
+    }
+
+    /// As [`Kernels::new`] with the dispatch geometry of each segment given, and at
+    /// most `most` small segments per dispatch.
     fn with_geometries(
         ctx: &GpuContext,
         bufs: &ParamBuffers,
         config: &PolyakConfig,
         geometries: Vec<Geometry>,
+        most: usize,
     ) -> Self {
-        let source = |text| with_prelude(text, bufs.real_bytes(), config.velocity_bytes());
-        let norm_mod = module(
-            ctx,
-            "norm_partials",
-            source(include_str!("../shaders/norm_partials.wgsl")),
-        );
+        let source = |text: &str| with_prelude(text, bufs.real_bytes(), config.velocity_bytes());
+        let constants = ctx.kernel_constants();
+        let update_entry = if bufs.has_velocity() {
+            "momentum"
+        } else {
+            "plain"
+        };
+        // Pipelines 0 and 1: one segment's norm and update.
+        let mut pipelines = vec![
+            pipeline(
+                ctx,
+                &module(
+                    ctx,
+                    "norm_partials",
+                    source(include_str!("../shaders/norm_partials.wgsl")),
+                ),
+                "main",
+                &constants,
+            ),
+            pipeline(
+                ctx,
+                &module(
+                    ctx,
+                    "update",
+                    source(include_str!("../shaders/update.wgsl")),
+                ),
+                update_entry,
+                &constants,
+            ),
+        ];
         let final_mod = module(
             ctx,
             "norm_final",
             source(include_str!("../shaders/norm_final.wgsl")),
         );
-        let update_mod = module(
-            ctx,
-            "update",
-            source(include_str!("../shaders/update.wgsl")),
-        );
-        let constants = ctx.kernel_constants();
-        let norm_pipeline = pipeline(ctx, &norm_mod, "main", &constants);
         let final_pipeline = pipeline(ctx, &final_mod, "main", &[]);
-        let entry = if bufs.has_velocity() {
-            "momentum"
-        } else {
-            "plain"
-        };
-        let update_pipeline = pipeline(ctx, &update_mod, entry, &constants);
         bufs.scalars.write_options(config);
 
         // The final pass sums our per-workgroup partials, or the objective's own.
@@ -289,31 +383,109 @@ impl Kernels {
             Some(o) => (&o.partials, o.count),
             None => (&partials, ours),
         };
-        let mut norm_groups = Vec::new();
-        let mut update_groups = Vec::new();
-        for (s, g) in bufs.segments.iter().zip(&geometries) {
-            let geo = uniform(ctx, g);
+        let lens: Vec<usize> = bufs.segments.iter().map(|s| s.len).collect();
+        let mut norm = Vec::new();
+        let mut update = Vec::new();
+        let mut uniform_bytes = 0;
+        // (batch size, its norm pipeline, its update pipeline)
+        let mut batched: Vec<(usize, usize, usize)> = Vec::new();
+        for batch in batches(&lens, most) {
+            let segs = &bufs.segments[batch.clone()];
+            let m = segs.len();
+            // One segment: its own geometry. A batch: the grid and every geometry.
+            let (geo, grid, (norm_pipeline, update_pipeline)) = if m == 1 {
+                let g = geometries[batch.start];
+                (uniform(ctx, &g), g.dispatch(), (0, 1))
+            } else {
+                let mut head = [0u32; 4];
+                let mut seg = Vec::with_capacity(m);
+                for g in &geometries[batch.clone()] {
+                    seg.push(Geometry {
+                        first: head[1],
+                        ..*g
+                    });
+                    head[1] += g.groups;
+                }
+                let grid = grid(head[1]);
+                head[0] = grid.0;
+                let mut bytes = bytemuck::cast_slice::<u32, u8>(&head).to_vec();
+                bytes.extend_from_slice(bytemuck::cast_slice(&seg));
+                let geo = ctx
+                    .device()
+                    .create_buffer_init(&wgpu::util::BufferInitDescriptor {
+                        label: Some("polyak batch geometry"),
+                        contents: &bytes,
+                        usage: wgpu::BufferUsages::UNIFORM,
+                    });
+                let found = batched.iter().find(|b| b.0 == m).map(|b| (b.1, b.2));
+                let pair = found.unwrap_or_else(|| {
+                    let norm_src = expand(include_str!("../shaders/norm_batch.wgsl"), m, |k| {
+                        vec![("$K", k), ("$BG", 2 + k)]
+                    });
+                    let update_src = expand(include_str!("../shaders/update_batch.wgsl"), m, |k| {
+                        vec![
+                            ("$K", k),
+                            ("$BP", 2 + 3 * k),
+                            ("$BG", 3 + 3 * k),
+                            ("$BV", 4 + 3 * k),
+                        ]
+                    });
+                    let n = module(ctx, "norm_batch", source(&norm_src));
+                    let u = module(ctx, "update_batch", source(&update_src));
+                    pipelines.push(pipeline(ctx, &n, "main", &constants));
+                    pipelines.push(pipeline(ctx, &u, update_entry, &constants));
+                    let pair = (pipelines.len() - 2, pipelines.len() - 1);
+                    batched.push((m, pair.0, pair.1));
+                    pair
+                });
+                (geo, grid, pair)
+            };
+            uniform_bytes += geo.size();
+            let base = if m == 1 { 0 } else { 2 };
             if bufs.objective_norm.is_none() {
-                norm_groups.push(bind_group(
-                    ctx,
-                    &norm_pipeline,
-                    &[
-                        (0, wgpu::BindingResource::Buffer(s.grads.binding(s.len))),
-                        (1, partials.as_entire_binding()),
-                        (2, geo.as_entire_binding()),
-                    ],
+                let mut entries = vec![
+                    (if m == 1 { 1 } else { 0 }, partials.as_entire_binding()),
+                    (if m == 1 { 2 } else { 1 }, geo.as_entire_binding()),
+                ];
+                for (k, s) in segs.iter().enumerate() {
+                    let at = if m == 1 { 0 } else { base + k as u32 };
+                    entries.push((at, wgpu::BindingResource::Buffer(s.grads.binding(s.len))));
+                }
+                norm.push(Dispatch {
+                    pipeline: norm_pipeline,
+                    group: bind_group(ctx, &pipelines[norm_pipeline], &entries),
+                    grid,
+                });
+            }
+            // update.wgsl: params 0, grads 1, velocity 2, geometry 3, scalars 4;
+            // update_batch.wgsl: scalars 0, geometry 1, then 3 per segment from 2.
+            let mut entries = if m == 1 {
+                vec![
+                    (3, geo.as_entire_binding()),
+                    (4, bufs.scalars.buffer.as_entire_binding()),
+                ]
+            } else {
+                vec![
+                    (0, bufs.scalars.buffer.as_entire_binding()),
+                    (1, geo.as_entire_binding()),
+                ]
+            };
+            for (k, s) in segs.iter().enumerate() {
+                let at = if m == 1 { 0 } else { base + 3 * k as u32 };
+                entries.push((at, wgpu::BindingResource::Buffer(s.params.binding(s.len))));
+                entries.push((
+                    at + 1,
+                    wgpu::BindingResource::Buffer(s.grads.binding(s.len)),
                 ));
+                if let Some(v) = &s.velocity {
+                    entries.push((at + 2, wgpu::BindingResource::Buffer(v.binding(s.len))));
+                }
             }
-            let mut entries = vec![
-                (0, wgpu::BindingResource::Buffer(s.params.binding(s.len))),
-                (1, wgpu::BindingResource::Buffer(s.grads.binding(s.len))),
-                (3, geo.as_entire_binding()),
-                (4, bufs.scalars.buffer.as_entire_binding()),
-            ];
-            if let Some(v) = &s.velocity {
-                entries.push((2, wgpu::BindingResource::Buffer(v.binding(s.len))));
-            }
-            update_groups.push(bind_group(ctx, &update_pipeline, &entries));
+            update.push(Dispatch {
+                pipeline: update_pipeline,
+                group: bind_group(ctx, &pipelines[update_pipeline], &entries),
+                grid,
+            });
         }
         let rule = uniform(ctx, &RuleUniform::new(count, config));
         let final_group = bind_group(
@@ -326,31 +498,47 @@ impl Kernels {
             ],
         );
         Kernels {
-            norm_pipeline,
+            pipelines,
             final_pipeline,
-            update_pipeline,
-            norm_groups,
-            update_groups,
+            norm,
+            update,
             final_group,
-            geometries,
             partials_bytes: partials.size(),
+            uniform_bytes: uniform_bytes + rule.size(),
         }
+    }
+
+    /// Most small segments one dispatch takes: three storage bindings each in the
+    /// update, beside the scalars slot.
+    pub fn batch_limit(ctx: &GpuContext) -> usize {
+        let bindings = ctx.limits().max_storage_buffers_per_shader_stage as usize;
+        (bindings.saturating_sub(1) / 3).clamp(1, MAX_BATCH)
     }
 
     /// Bytes of device memory the kernels use besides the vectors: the norm partials
     /// and the uniforms.
     pub fn scratch_bytes(&self) -> u64 {
-        let partials = self.partials_bytes;
-        let uniforms = ((self.geometries.len() * std::mem::size_of::<Geometry>())
-            + std::mem::size_of::<RuleUniform>()) as u64;
-        partials + uniforms
+        self.partials_bytes + self.uniform_bytes
     }
 
-    /// Compute dispatches in one step: the norm of each segment (none when the
-    /// objective computes the norm), the final sum, the update of each segment. It
-    /// grows with the segment count, never the tensor count.
+    /// Compute dispatches in one step: the norm of each segment or batch of small
+    /// segments (none when the objective computes the norm), the final sum, the
+    /// update of each. It grows with the segment count, never the tensor count.
     pub fn dispatches_per_step(&self) -> usize {
-        self.norm_groups.len() + 1 + self.update_groups.len()
+        self.norm.len() + 1 + self.update.len()
+    }
+
+    /// Records `dispatches` into `pass`, setting each pipeline when it changes.
+    fn record(&self, pass: &mut wgpu::ComputePass<'_>, dispatches: &[Dispatch]) {
+        let mut current = usize::MAX;
+        for d in dispatches {
+            if d.pipeline != current {
+                pass.set_pipeline(&self.pipelines[d.pipeline]);
+                current = d.pipeline;
+            }
+            pass.set_bind_group(0, &d.group, &[]);
+            pass.dispatch_workgroups(d.grid.0, d.grid.1, 1);
+        }
     }
 
     /// Records both norm passes: the squared gradient norm lands in `scalars[1]`, the
@@ -365,12 +553,7 @@ impl Kernels {
             label: Some("polyak norm"),
             timestamp_writes: timestamps,
         });
-        pass.set_pipeline(&self.norm_pipeline);
-        for (bg, g) in self.norm_groups.iter().zip(&self.geometries) {
-            let (x, y) = g.dispatch();
-            pass.set_bind_group(0, bg, &[]);
-            pass.dispatch_workgroups(x, y, 1);
-        }
+        self.record(&mut pass, &self.norm);
         pass.set_pipeline(&self.final_pipeline);
         pass.set_bind_group(0, &self.final_group, &[]);
         pass.dispatch_workgroups(1, 1, 1);
@@ -387,12 +570,7 @@ impl Kernels {
             label: Some("polyak update"),
             timestamp_writes: timestamps,
         });
-        pass.set_pipeline(&self.update_pipeline);
-        for (bg, g) in self.update_groups.iter().zip(&self.geometries) {
-            let (x, y) = g.dispatch();
-            pass.set_bind_group(0, bg, &[]);
-            pass.dispatch_workgroups(x, y, 1);
-        }
+        self.record(&mut pass, &self.update);
     }
 }
 
@@ -444,14 +622,15 @@ mod tests {
                 groups_x: MAX_DIM,
                 groups: n4,
                 partial_base: 0,
-                pad: [0; 3],
+                first: 0,
+                pad: [0; 2],
             };
             assert_eq!(geo.dispatch(), (MAX_DIM, 2));
             let config = PolyakConfig::default()
                 .momentum(0.5)
                 .max_stepsize(100.0)
                 .velocity_dtype(dtype);
-            let kernels = Kernels::with_geometries(&ctx, &bufs, &config, vec![geo]);
+            let kernels = Kernels::with_geometries(&ctx, &bufs, &config, vec![geo], 1);
             let mut rng = SplitMix64::new(11);
             let g: Vec<f32> = (0..n).map(|_| rng.upm1() as f32).collect();
             let p: Vec<f32> = (0..n).map(|_| rng.upm1() as f32).collect();
@@ -495,6 +674,109 @@ mod tests {
                 changed > n - n / 100,
                 "only {changed} of {n} parameters moved"
             );
+        }
+    }
+
+    #[test]
+    fn small_segments_batch_up_to_the_limit() {
+        let big = SMALL_SEGMENT + 4;
+        assert_eq!(
+            batches(&[4, 8, big, 4, 4, 4], 2),
+            vec![0..2, 2..3, 3..5, 5..6]
+        );
+        assert_eq!(batches(&[big, 4, big], 10), vec![0..1, 1..2, 2..3]);
+        assert_eq!(batches(&[4; 3], 1), vec![0..1, 1..2, 2..3]);
+        assert_eq!(batches(&[SMALL_SEGMENT; 3], 10), vec![0..3]);
+    }
+
+    #[test]
+    fn expand_repeats_each_block_per_segment() {
+        let src = "const M = $Mu;\n// @each\nvar x_$K = $B;\n// @end\nswitch {\n  // @each\n  case $Ku: {}\n  // @end\n}\n";
+        let out = expand(src, 2, |k| vec![("$K", k), ("$B", 10 + k)]);
+        assert_eq!(
+            out,
+            "const M = 2u;\nvar x_0 = 10;\nvar x_1 = 11;\nswitch {\n  case 0u: {}\n  case 1u: {}\n}\n"
+        );
+    }
+
+    /// Batched kernels against one dispatch per segment, on the same data: the same
+    /// squared norm, step, parameters and velocity, bit for bit, in every precision,
+    /// with and without momentum, for both walks.
+    #[test]
+    fn batched_kernels_give_the_bits_of_one_dispatch_per_segment() {
+        use crate::config::{ParamDtype, VelocityDtype};
+        use crate::conformance::SplitMix64;
+        use crate::context::ContextOptions;
+        use crate::layout::{Layout, TensorSpec};
+        let specs: Vec<TensorSpec> = [37, 3000, 5, 1000, 64, 2, 4097, 513]
+            .iter()
+            .enumerate()
+            .map(|(i, &n)| TensorSpec::new(format!("t{i}"), &[n]))
+            .collect();
+        let n: usize = specs.iter().map(TensorSpec::len).sum();
+        let mut rng = SplitMix64::new(12);
+        let mut random = || (0..n).map(|_| rng.upm1()).collect::<Vec<f64>>();
+        let (p, g, v) = (random(), random(), random());
+        for contiguous in [true, false] {
+            let ctx = GpuContext::with_options(ContextOptions {
+                contiguous_invocations: Some(contiguous),
+                max_workgroups: Some(3),
+                ..Default::default()
+            })
+            .expect("an adapter");
+            for (dtype, velocity, momentum) in [
+                (ParamDtype::F32, VelocityDtype::Full, 0.9),
+                (ParamDtype::F32, VelocityDtype::Full, 0.0),
+                (ParamDtype::F32, VelocityDtype::F16, 0.9),
+                (ParamDtype::F64, VelocityDtype::Full, 0.9),
+            ] {
+                let config = PolyakConfig::default()
+                    .momentum(momentum)
+                    .dtype(dtype)
+                    .velocity_dtype(velocity);
+                let (real, vel) = (dtype.bytes(), config.velocity_bytes());
+                let layout = Layout::new(&specs, 64, 2048).unwrap();
+                let bufs = ParamBuffers::new(&ctx, layout, real, vel, &[], 1, None);
+                assert!(bufs.segments.len() >= 5, "{}", bufs.segments.len());
+                let geometries = Kernels::geometries(&ctx, &bufs);
+                assert!(geometries.iter().any(|g| g.groups > 1));
+                let mut results = Vec::new();
+                for most in [1, 2, 3, 10] {
+                    let k =
+                        Kernels::with_geometries(&ctx, &bufs, &config, geometries.clone(), most);
+                    assert_eq!(k.update.len(), bufs.segments.len().div_ceil(most));
+                    bufs.upload_params_f64(&p).unwrap();
+                    bufs.upload_grads_f64(&g).unwrap();
+                    if momentum > 0.0 {
+                        bufs.upload_velocity_f64(&v).unwrap();
+                    }
+                    bufs.scalars.write_loss(0.5);
+                    let mut enc = ctx.device().create_command_encoder(&Default::default());
+                    k.encode_norm(&mut enc, None);
+                    bufs.scalars.encode_readback(&mut enc, 0);
+                    ctx.queue().submit([enc.finish()]);
+                    let s = bufs.scalars.read().unwrap();
+                    let mut enc = ctx.device().create_command_encoder(&Default::default());
+                    k.encode_update(&mut enc, None);
+                    ctx.queue().submit([enc.finish()]);
+                    let got_v = bufs.download_velocity_f64().unwrap();
+                    let got = (s.sqnorm, s.step, bufs.download_params_f64().unwrap(), got_v);
+                    results.push(got);
+                }
+                let what =
+                    format!("{dtype:?} {velocity:?} momentum {momentum}, contiguous {contiguous}");
+                let exact: f64 = g.iter().map(|x| x * x).sum();
+                assert!((results[0].0 - exact).abs() <= 1e-5 * exact, "{what}");
+                assert!(results[0].2 != p, "{what}: nothing moved");
+                let bits = |r: &(f64, f64, Vec<f64>, Option<Vec<f64>>)| {
+                    let mut b = vec![r.0.to_bits(), r.1.to_bits()];
+                    b.extend(r.2.iter().chain(r.3.iter().flatten()).map(|x| x.to_bits()));
+                    b
+                };
+                for r in &results[1..] {
+                    assert!(bits(r) == bits(&results[0]), "{what}");
+                }
+            }
         }
     }
 

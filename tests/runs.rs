@@ -90,10 +90,11 @@ fn an_arena_of_user_tensors_steps_as_one_vector() {
     }
     let mut opt = b.build().unwrap();
 
-    // One owned segment and the arena's 104 elements in two: seven dispatches, where
-    // one run per tensor would take six more segments.
+    // One owned segment and the arena's 104 elements in two (one run per tensor
+    // would take six), all three small enough to share one norm and one update
+    // dispatch.
     assert_eq!(opt.buffers().layout().segment_lens(), &[8, 64, 40]);
-    assert_eq!(opt.dispatches_per_step(), 2 * 3 + 1);
+    assert_eq!(opt.dispatches_per_step(), 3);
     let w5 = opt.buffers().layout().tensor("w5").unwrap();
     assert_eq!(
         w5.parts.len(),

@@ -48,7 +48,10 @@ fn a_300_tensor_model_steps_with_a_few_dispatches_and_matches_f64() {
     let mut opt = PolyakSgd::with_tensors(&ctx, cfg, &specs).unwrap();
     let segments = opt.buffers().layout().segment_lens().len();
     assert!(segments < 60, "{segments} segments");
-    assert_eq!(opt.dispatches_per_step(), 2 * segments + 1);
+    // small segments share dispatches, up to a batch limit of them
+    let batch = opt.context().limits().max_storage_buffers_per_shader_stage as usize;
+    let batch = ((batch - 1) / 3).clamp(1, 10);
+    assert_eq!(opt.dispatches_per_step(), 2 * segments.div_ceil(batch) + 1);
     let mut p0 = Vec::with_capacity(total);
     for (i, s) in specs.iter().enumerate() {
         let t = random(i as u64, s.len());

@@ -1,6 +1,6 @@
 //! The WGSL kernels (`shaders/`): pipelines and bind groups, made once per optimizer.
 
-use crate::buffers::ParamBuffers;
+use crate::buffers::{ParamBuffers, Region};
 use crate::config::{NonFinitePolicy, PolyakConfig, Variant};
 use crate::context::GpuContext;
 use wgpu::util::DeviceExt;
@@ -14,9 +14,9 @@ const MAX_DIM: u32 = 65_535;
 const MAX_ITERATIONS: u32 = 4096;
 
 /// Segments of at most this many elements share dispatches, up to
-/// [`Kernels::batch_limit`] of them (`norm_batch.wgsl`, `update_batch.wgsl`): a model
-/// of many small tensors in separate user buffers would otherwise pay a dispatch's
-/// fixed cost twice per tensor. Larger segments keep the kernels of their own.
+/// [`Kernels::batch_limit`] of them: a model of many small tensors in separate user
+/// buffers would otherwise pay a dispatch's fixed cost twice per tensor. Larger
+/// segments get dispatches of their own.
 pub(crate) const SMALL_SEGMENT: usize = 1 << 20;
 
 /// Most segments in one batch (the storage bindings of a stage allow fewer on some
@@ -112,9 +112,10 @@ struct Dispatch {
 /// Everything the norm and the update need, built once.
 #[derive(Debug)]
 pub(crate) struct Kernels {
-    /// The pipelines the dispatches use: one segment's norm and update, and those
-    /// of each batch size in use.
+    /// The norm and update pipelines the dispatches use, for each batch size.
     pipelines: Vec<wgpu::ComputePipeline>,
+    /// (batch size, its norm pipeline, its update pipeline) of each size compiled.
+    compiled: Vec<(usize, usize, usize)>,
     final_pipeline: wgpu::ComputePipeline,
     /// The first norm pass: one dispatch per segment or batch of small segments
     /// (none when the objective computes the norm).
@@ -141,6 +142,37 @@ fn batches(lens: &[usize], most: usize) -> Vec<std::ops::Range<usize>> {
         }
     }
     out
+}
+
+/// `len` elements of `region`, as a binding.
+fn resource(region: &Region, len: usize) -> wgpu::BindingResource<'_> {
+    wgpu::BindingResource::Buffer(region.binding(len))
+}
+
+/// The uniform of a batch of segments of geometries `geometries` (the dispatch grid
+/// and the number of workgroups with work, then each segment's geometry with its
+/// first workgroup in the batch) and its dispatch grid.
+fn batch_geometry(ctx: &GpuContext, geometries: &[Geometry]) -> (wgpu::Buffer, (u32, u32)) {
+    let mut total = 0;
+    let segments: Vec<Geometry> = geometries
+        .iter()
+        .map(|g| {
+            let first = total;
+            total += g.groups;
+            Geometry { first, ..*g }
+        })
+        .collect();
+    let grid = grid(total);
+    let mut bytes = bytemuck::bytes_of(&[grid.0, total, 0, 0]).to_vec();
+    bytes.extend_from_slice(bytemuck::cast_slice(&segments));
+    let buffer = ctx
+        .device()
+        .create_buffer_init(&wgpu::util::BufferInitDescriptor {
+            label: Some("polyak batch geometry"),
+            contents: &bytes,
+            usage: wgpu::BufferUsages::UNIFORM,
+        });
+    (buffer, grid)
 }
 
 /// `source` with each block of lines between a `// @each` line and a `// @end` line
@@ -330,35 +362,6 @@ impl Kernels {
         most: usize,
     ) -> Self {
         let source = |text: &str| with_prelude(text, bufs.real_bytes(), config.velocity_bytes());
-        let constants = ctx.kernel_constants();
-        let update_entry = if bufs.has_velocity() {
-            "momentum"
-        } else {
-            "plain"
-        };
-        // Pipelines 0 and 1: one segment's norm and update.
-        let mut pipelines = vec![
-            pipeline(
-                ctx,
-                &module(
-                    ctx,
-                    "norm_partials",
-                    source(include_str!("../shaders/norm_partials.wgsl")),
-                ),
-                "main",
-                &constants,
-            ),
-            pipeline(
-                ctx,
-                &module(
-                    ctx,
-                    "update",
-                    source(include_str!("../shaders/update.wgsl")),
-                ),
-                update_entry,
-                &constants,
-            ),
-        ];
         let final_mod = module(
             ctx,
             "norm_final",
@@ -383,110 +386,6 @@ impl Kernels {
             Some(o) => (&o.partials, o.count),
             None => (&partials, ours),
         };
-        let lens: Vec<usize> = bufs.segments.iter().map(|s| s.len).collect();
-        let mut norm = Vec::new();
-        let mut update = Vec::new();
-        let mut uniform_bytes = 0;
-        // (batch size, its norm pipeline, its update pipeline)
-        let mut batched: Vec<(usize, usize, usize)> = Vec::new();
-        for batch in batches(&lens, most) {
-            let segs = &bufs.segments[batch.clone()];
-            let m = segs.len();
-            // One segment: its own geometry. A batch: the grid and every geometry.
-            let (geo, grid, (norm_pipeline, update_pipeline)) = if m == 1 {
-                let g = geometries[batch.start];
-                (uniform(ctx, &g), g.dispatch(), (0, 1))
-            } else {
-                let mut head = [0u32; 4];
-                let mut seg = Vec::with_capacity(m);
-                for g in &geometries[batch.clone()] {
-                    seg.push(Geometry {
-                        first: head[1],
-                        ..*g
-                    });
-                    head[1] += g.groups;
-                }
-                let grid = grid(head[1]);
-                head[0] = grid.0;
-                let mut bytes = bytemuck::cast_slice::<u32, u8>(&head).to_vec();
-                bytes.extend_from_slice(bytemuck::cast_slice(&seg));
-                let geo = ctx
-                    .device()
-                    .create_buffer_init(&wgpu::util::BufferInitDescriptor {
-                        label: Some("polyak batch geometry"),
-                        contents: &bytes,
-                        usage: wgpu::BufferUsages::UNIFORM,
-                    });
-                let found = batched.iter().find(|b| b.0 == m).map(|b| (b.1, b.2));
-                let pair = found.unwrap_or_else(|| {
-                    let norm_src = expand(include_str!("../shaders/norm_batch.wgsl"), m, |k| {
-                        vec![("$K", k), ("$BG", 2 + k)]
-                    });
-                    let update_src = expand(include_str!("../shaders/update_batch.wgsl"), m, |k| {
-                        vec![
-                            ("$K", k),
-                            ("$BP", 2 + 3 * k),
-                            ("$BG", 3 + 3 * k),
-                            ("$BV", 4 + 3 * k),
-                        ]
-                    });
-                    let n = module(ctx, "norm_batch", source(&norm_src));
-                    let u = module(ctx, "update_batch", source(&update_src));
-                    pipelines.push(pipeline(ctx, &n, "main", &constants));
-                    pipelines.push(pipeline(ctx, &u, update_entry, &constants));
-                    let pair = (pipelines.len() - 2, pipelines.len() - 1);
-                    batched.push((m, pair.0, pair.1));
-                    pair
-                });
-                (geo, grid, pair)
-            };
-            uniform_bytes += geo.size();
-            let base = if m == 1 { 0 } else { 2 };
-            if bufs.objective_norm.is_none() {
-                let mut entries = vec![
-                    (if m == 1 { 1 } else { 0 }, partials.as_entire_binding()),
-                    (if m == 1 { 2 } else { 1 }, geo.as_entire_binding()),
-                ];
-                for (k, s) in segs.iter().enumerate() {
-                    let at = if m == 1 { 0 } else { base + k as u32 };
-                    entries.push((at, wgpu::BindingResource::Buffer(s.grads.binding(s.len))));
-                }
-                norm.push(Dispatch {
-                    pipeline: norm_pipeline,
-                    group: bind_group(ctx, &pipelines[norm_pipeline], &entries),
-                    grid,
-                });
-            }
-            // update.wgsl: params 0, grads 1, velocity 2, geometry 3, scalars 4;
-            // update_batch.wgsl: scalars 0, geometry 1, then 3 per segment from 2.
-            let mut entries = if m == 1 {
-                vec![
-                    (3, geo.as_entire_binding()),
-                    (4, bufs.scalars.buffer.as_entire_binding()),
-                ]
-            } else {
-                vec![
-                    (0, bufs.scalars.buffer.as_entire_binding()),
-                    (1, geo.as_entire_binding()),
-                ]
-            };
-            for (k, s) in segs.iter().enumerate() {
-                let at = if m == 1 { 0 } else { base + 3 * k as u32 };
-                entries.push((at, wgpu::BindingResource::Buffer(s.params.binding(s.len))));
-                entries.push((
-                    at + 1,
-                    wgpu::BindingResource::Buffer(s.grads.binding(s.len)),
-                ));
-                if let Some(v) = &s.velocity {
-                    entries.push((at + 2, wgpu::BindingResource::Buffer(v.binding(s.len))));
-                }
-            }
-            update.push(Dispatch {
-                pipeline: update_pipeline,
-                group: bind_group(ctx, &pipelines[update_pipeline], &entries),
-                grid,
-            });
-        }
         let rule = uniform(ctx, &RuleUniform::new(count, config));
         let final_group = bind_group(
             ctx,
@@ -497,15 +396,102 @@ impl Kernels {
                 (2, rule.as_entire_binding()),
             ],
         );
-        Kernels {
-            pipelines,
+        let mut kernels = Kernels {
+            pipelines: Vec::new(),
+            compiled: Vec::new(),
             final_pipeline,
-            norm,
-            update,
+            norm: Vec::new(),
+            update: Vec::new(),
             final_group,
             partials_bytes: partials.size(),
-            uniform_bytes: uniform_bytes + rule.size(),
+            uniform_bytes: rule.size(),
+        };
+        let lens: Vec<usize> = bufs.segments.iter().map(|s| s.len).collect();
+        for batch in batches(&lens, most) {
+            let segs = &bufs.segments[batch.clone()];
+            let (norm_pipeline, update_pipeline) =
+                kernels.pipelines_for(ctx, bufs, config, segs.len());
+            let (geo, grid) = batch_geometry(ctx, &geometries[batch]);
+            kernels.uniform_bytes += geo.size();
+            if bufs.objective_norm.is_none() {
+                // norm_partials.wgsl: partials 0, geometry 1, each gradient from 2.
+                let mut entries = vec![
+                    (0, partials.as_entire_binding()),
+                    (1, geo.as_entire_binding()),
+                ];
+                for (k, s) in (2..).zip(segs) {
+                    entries.push((k, resource(&s.grads, s.len)));
+                }
+                kernels.norm.push(Dispatch {
+                    group: bind_group(ctx, &kernels.pipelines[norm_pipeline], &entries),
+                    pipeline: norm_pipeline,
+                    grid,
+                });
+            }
+            // update.wgsl: scalars 0, geometry 1, then params, gradient and velocity
+            // of each segment from 2.
+            let mut entries = vec![
+                (0, bufs.scalars.buffer.as_entire_binding()),
+                (1, geo.as_entire_binding()),
+            ];
+            for (k, s) in (2..).step_by(3).zip(segs) {
+                entries.push((k, resource(&s.params, s.len)));
+                entries.push((k + 1, resource(&s.grads, s.len)));
+                if let Some(v) = &s.velocity {
+                    entries.push((k + 2, resource(v, s.len)));
+                }
+            }
+            kernels.update.push(Dispatch {
+                group: bind_group(ctx, &kernels.pipelines[update_pipeline], &entries),
+                pipeline: update_pipeline,
+                grid,
+            });
         }
+        kernels
+    }
+
+    /// The indices of the norm and update pipelines for batches of `m` segments,
+    /// compiled the first time they are asked for.
+    fn pipelines_for(
+        &mut self,
+        ctx: &GpuContext,
+        bufs: &ParamBuffers,
+        config: &PolyakConfig,
+        m: usize,
+    ) -> (usize, usize) {
+        if let Some(&(_, n, u)) = self.compiled.iter().find(|c| c.0 == m) {
+            return (n, u);
+        }
+        let source = |text: &str, subst: &dyn Fn(usize) -> Vec<(&'static str, usize)>| {
+            let text = expand(text, m, subst);
+            with_prelude(&text, bufs.real_bytes(), config.velocity_bytes())
+        };
+        let norm = source(include_str!("../shaders/norm_partials.wgsl"), &|k| {
+            vec![("$K", k), ("$BG", 2 + k)]
+        });
+        let update = source(include_str!("../shaders/update.wgsl"), &|k| {
+            vec![
+                ("$K", k),
+                ("$BP", 2 + 3 * k),
+                ("$BG", 3 + 3 * k),
+                ("$BV", 4 + 3 * k),
+            ]
+        });
+        let entry = if bufs.has_velocity() {
+            "momentum"
+        } else {
+            "plain"
+        };
+        let constants = ctx.kernel_constants();
+        let norm = module(ctx, "norm_partials", norm);
+        let update = module(ctx, "update", update);
+        self.pipelines
+            .push(pipeline(ctx, &norm, "main", &constants));
+        self.pipelines
+            .push(pipeline(ctx, &update, entry, &constants));
+        let (n, u) = (self.pipelines.len() - 2, self.pipelines.len() - 1);
+        self.compiled.push((m, n, u));
+        (n, u)
     }
 
     /// Most small segments one dispatch takes: three storage bindings each in the

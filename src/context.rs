@@ -320,6 +320,18 @@ impl GpuContext {
             Err(e) => Err(Error::Device(e.to_string())),
         }
     }
+
+    /// Runs `f`, which records or submits commands, under a wgpu validation error
+    /// scope: a command wgpu rejects (one on a user buffer that was destroyed, say)
+    /// is [`Error::Validation`] instead of wgpu's panic, and none of it ran.
+    pub(crate) fn checked<T>(&self, f: impl FnOnce() -> T) -> Result<T> {
+        let scope = self.device.push_error_scope(wgpu::ErrorFilter::Validation);
+        let out = f();
+        match now(scope.pop()) {
+            Some(e) => Err(Error::Validation(e.to_string())),
+            None => Ok(out),
+        }
+    }
 }
 
 /// The output of `f`, which native wgpu has ready at once (error scopes): polled

@@ -100,10 +100,13 @@ pub enum Error {
          that never ends, or work longer than that; it stays queued and may still complete"
     )]
     Timeout(std::time::Duration),
-    /// wgpu rejected a command of a step, most likely one the objective recorded (a
-    /// copy, binding or dispatch it does not allow): nothing of that step ran, and
-    /// the parameters stay as they were.
-    #[error("the step's commands are invalid (most likely the objective's): {0}")]
+    /// wgpu rejected a command: of a step, most likely one the objective recorded (a
+    /// copy, binding or dispatch it does not allow), or of a transfer or an update on
+    /// a user buffer that was destroyed. Nothing of those commands ran, and the
+    /// parameters stay as they were.
+    #[error(
+        "wgpu rejected the commands (most likely the objective's, or on a destroyed user buffer): {0}"
+    )]
     Validation(String),
     /// A checkpoint could not be written, read, or does not fit this optimizer
     /// (nothing was uploaded).

@@ -639,7 +639,8 @@ impl PolyakSgd {
             if self.deferred {
                 self.buffers.defer(encoder.finish());
             } else {
-                self.buffers.submit(encoder.finish());
+                // (a user buffer destroyed since the step began fails here)
+                self.ctx.checked(|| self.buffers.submit(encoder.finish()))?;
             }
         }
         Ok(self.advance(state, value, stepsize, &scalars, aux))

@@ -497,3 +497,40 @@ fn a_checkpoint_larger_than_its_copy_chunks_round_trips_bit_for_bit() {
         "velocity"
     );
 }
+
+#[test]
+fn a_destroyed_user_buffer_is_an_error_not_a_panic() {
+    let ctx = ctx();
+    let align = u64::from(ctx.limits().min_storage_buffer_offset_alignment);
+    let (params, grads) = user_buffers(&ctx, &random(3, 64), align);
+    let mut opt = PolyakSgd::builder(&ctx, PolyakConfig::default().momentum(0.5))
+        .tensor(TensorSpec::new("bias", &[4]))
+        .external(ExternalTensor {
+            spec: TensorSpec::new("w", &[64]),
+            params: params.clone(),
+            params_offset: align,
+            grads: grads.clone(),
+            grads_offset: 0,
+        })
+        .build()
+        .unwrap();
+    let state = opt.init_state(fixed(&random(4, 68), 1.0)).unwrap();
+    params.destroy();
+    let dir = std::env::temp_dir().join(format!("polyak-destroyed-{}", std::process::id()));
+    let file = dir.with_extension("safetensors");
+    let invalid = |r: polyak_gpu::Result<()>, what: &str| match r {
+        Err(Error::Validation(_)) => {}
+        other => panic!("{what}: expected a validation error, got {other:?}"),
+    };
+    invalid(opt.buffers().download_tensor("w").map(drop), "download");
+    invalid(opt.buffers().upload_tensor("w", &[1.0; 64]), "upload");
+    invalid(opt.download_params().map(drop), "download_params");
+    invalid(opt.save_checkpoint(&state, &file), "save_checkpoint");
+    assert!(!file.exists(), "a failed save leaves no file");
+    invalid(
+        opt.update(&state, fixed(&random(5, 68), 1.0)).map(drop),
+        "update",
+    );
+    // the optimizer's own tensor still moves through the host
+    assert_eq!(opt.buffers().download_tensor("bias").unwrap().len(), 4);
+}

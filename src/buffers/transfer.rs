@@ -48,8 +48,7 @@ impl Region {
         let at = self.offset + first as u64 * self.elem;
         let end = at + bytes.len() as u64;
         if at.is_multiple_of(4) && end.is_multiple_of(4) {
-            ctx.queue().write_buffer(&self.buffer, at, bytes);
-            return Ok(());
+            return ctx.checked(|| ctx.queue().write_buffer(&self.buffer, at, bytes));
         }
         let (lo, hi) = (at - at % 4, end.next_multiple_of(4));
         let mut words = vec![0u8; (hi - lo) as usize];
@@ -61,8 +60,7 @@ impl Region {
             words[last..].copy_from_slice(&read_bytes(ctx, &self.buffer, hi - 4, 4)?);
         }
         words[(at - lo) as usize..][..bytes.len()].copy_from_slice(bytes);
-        ctx.queue().write_buffer(&self.buffer, lo, &words);
-        Ok(())
+        ctx.checked(|| ctx.queue().write_buffer(&self.buffer, lo, &words))
     }
 }
 
@@ -496,9 +494,11 @@ fn read_bytes_with<T>(
         usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
         mapped_at_creation: false,
     });
-    let mut encoder = device.create_command_encoder(&Default::default());
-    encoder.copy_buffer_to_buffer(buffer, offset, &staging, 0, size);
-    ctx.queue().submit([encoder.finish()]);
+    ctx.checked(|| {
+        let mut encoder = device.create_command_encoder(&Default::default());
+        encoder.copy_buffer_to_buffer(buffer, offset, &staging, 0, size);
+        ctx.queue().submit([encoder.finish()]);
+    })?;
     read_mapped(ctx, &staging, &Arc::new(Mutex::new(None)), f)
 }
 

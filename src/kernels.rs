@@ -23,7 +23,10 @@ pub(crate) const SMALL_SEGMENT: usize = 1 << 20;
 /// devices: three per segment in the update).
 const MAX_BATCH: usize = 10;
 
-/// Dispatch geometry of one segment; mirrors `Geometry` in the shaders.
+/// What the norm and update kernels share (`Geometry`, the batch, the walk).
+const BATCH: &str = include_str!("../shaders/batch.wgsl");
+
+/// Dispatch geometry of one segment; mirrors `Geometry` in `shaders/batch.wgsl`.
 #[repr(C)]
 #[derive(Debug, Clone, Copy, PartialEq, Eq, bytemuck::Pod, bytemuck::Zeroable)]
 pub(crate) struct Geometry {
@@ -462,8 +465,9 @@ impl Kernels {
         if let Some(&(_, n, u)) = self.compiled.iter().find(|c| c.0 == m) {
             return (n, u);
         }
+        // The precision prelude, then batch.wgsl, then the kernel, written out for m.
         let source = |text: &str, subst: &dyn Fn(usize) -> Vec<(&'static str, usize)>| {
-            let text = expand(text, m, subst);
+            let text = expand(&(BATCH.to_string() + text), m, subst);
             with_prelude(&text, bufs.real_bytes(), config.velocity_bytes())
         };
         let norm = source(include_str!("../shaders/norm_partials.wgsl"), &|k| {

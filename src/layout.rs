@@ -210,11 +210,26 @@ impl Layout {
             seg = self.new_segment(true);
             off = 0;
         }
+        self.lay(spec, seg, off, false);
+        Ok(TensorId(self.tensors.len() - 1))
+    }
+
+    /// Cuts `spec` into parts from element `off` of segment `seg` on, opening a new
+    /// segment whenever one is full; records the placement and returns where it
+    /// ended.
+    fn lay(
+        &mut self,
+        spec: &TensorSpec,
+        mut seg: usize,
+        mut off: usize,
+        external: bool,
+    ) -> (usize, usize) {
+        let len = spec.len();
         let mut parts = Vec::new();
         let mut done = 0;
         while done < len {
             if off >= self.capacity {
-                seg = self.new_segment(true);
+                seg = self.new_segment(!external);
                 off = 0;
             }
             let n = (len - done).min(self.capacity - off);
@@ -231,9 +246,9 @@ impl Layout {
         self.tensors.push(TensorPlacement {
             spec: spec.clone(),
             parts,
-            external: false,
+            external,
         });
-        Ok(TensorId(self.tensors.len() - 1))
+        (seg, off)
     }
 
     /// Places a run of user-owned tensors that lie back to back in the user's
@@ -246,30 +261,8 @@ impl Layout {
         let mut at = None; // (segment, elements used) of the run so far
         for spec in run {
             self.check_new(spec)?;
-            let len = spec.len();
-            let mut parts = Vec::new();
-            let mut done = 0;
-            while done < len {
-                let (seg, off) = match at {
-                    Some((seg, off)) if off < self.capacity => (seg, off),
-                    _ => (self.new_segment(false), 0),
-                };
-                let n = (len - done).min(self.capacity - off);
-                parts.push(Part {
-                    segment: seg,
-                    offset: off,
-                    len: n,
-                    tensor_offset: done,
-                });
-                self.segment_lens[seg] = off + n;
-                at = Some((seg, off + n));
-                done += n;
-            }
-            self.tensors.push(TensorPlacement {
-                spec: spec.clone(),
-                parts,
-                external: true,
-            });
+            let (seg, off) = at.unwrap_or_else(|| (self.new_segment(false), 0));
+            at = Some(self.lay(spec, seg, off, true));
         }
         self.arena_open = false;
         Ok(())

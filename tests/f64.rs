@@ -401,27 +401,6 @@ fn every_vector_moves_in_f64_by_tensor_and_whole() {
     }
 }
 
-/// The bytes of `binding`, read back through a staging buffer.
-fn binding_bytes(ctx: &GpuContext, b: &wgpu::BufferBinding<'_>) -> Vec<u8> {
-    let size = b.size.expect("bindings have a size").get();
-    let staging = ctx.device().create_buffer(&wgpu::BufferDescriptor {
-        label: None,
-        size,
-        usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
-        mapped_at_creation: false,
-    });
-    let mut encoder = ctx.device().create_command_encoder(&Default::default());
-    encoder.copy_buffer_to_buffer(b.buffer, b.offset, &staging, 0, size);
-    ctx.queue().submit([encoder.finish()]);
-    staging
-        .slice(..)
-        .map_async(wgpu::MapMode::Read, |r| r.unwrap());
-    ctx.wait().unwrap();
-    let bytes = staging.slice(..).get_mapped_range().unwrap().to_vec();
-    staging.unmap();
-    bytes
-}
-
 #[test]
 fn tensor_bindings_cover_each_tensor_in_its_own_precision() {
     // Several tensors per segment and one split over segments, so that bindings
@@ -455,7 +434,8 @@ fn tensor_bindings_cover_each_tensor_in_its_own_precision() {
                 let got: Vec<f64> = bindings
                     .iter()
                     .flat_map(|bd| {
-                        let bytes = binding_bytes(&ctx, bd);
+                        let size = bd.size.expect("bindings have a size").get();
+                        let bytes = common::read_back(&ctx, bd.buffer, bd.offset, size);
                         match dtype {
                             ParamDtype::F64 => bytemuck::pod_collect_to_vec::<u8, f64>(&bytes),
                             _ => bytemuck::pod_collect_to_vec::<u8, f32>(&bytes)

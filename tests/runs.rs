@@ -4,33 +4,15 @@
 
 mod common;
 
-use common::{check_step, ctx_with_segments, fixed, random};
+use common::{check_step, ctx_with_segments, fixed, random, read_f32, user_buffer};
 use half::f16;
-use polyak_gpu::{
-    Error, ExternalTensor, GpuContext, Loss, PolyakConfig, PolyakSgd, TensorSpec, VelocityDtype,
-};
-use wgpu::util::DeviceExt;
+use polyak_gpu::{Error, ExternalTensor, Loss, PolyakConfig, PolyakSgd, TensorSpec, VelocityDtype};
 
 const SEGMENT: usize = 64;
 
 /// Lengths of odd sizes that add up to a multiple of 4 (104) and cross segment
 /// boundaries of 64 elements inside tensors.
 const LENS: [usize; 6] = [3, 10, 7, 33, 1, 50];
-
-/// A user buffer of `lead` bytes of 7.0, then `data`, then eight more 7.0s.
-fn user_buffer(ctx: &GpuContext, data: &[f32], lead: u64) -> wgpu::Buffer {
-    let mut contents = vec![7.0f32; lead as usize / 4];
-    contents.extend_from_slice(data);
-    contents.extend_from_slice(&[7.0; 8]);
-    ctx.device()
-        .create_buffer_init(&wgpu::util::BufferInitDescriptor {
-            label: Some("user arena"),
-            contents: bytemuck::cast_slice(&contents),
-            usage: wgpu::BufferUsages::STORAGE
-                | wgpu::BufferUsages::COPY_SRC
-                | wgpu::BufferUsages::COPY_DST,
-        })
-}
 
 /// Tensors `lens` back to back from `p_lead` in `params` and `g_lead` in `grads`.
 fn arena(
@@ -55,23 +37,6 @@ fn arena(
             t
         })
         .collect()
-}
-
-fn all_bytes(ctx: &GpuContext, buffer: &wgpu::Buffer) -> Vec<f32> {
-    let staging = ctx.device().create_buffer(&wgpu::BufferDescriptor {
-        label: None,
-        size: buffer.size(),
-        usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
-        mapped_at_creation: false,
-    });
-    let mut enc = ctx.device().create_command_encoder(&Default::default());
-    enc.copy_buffer_to_buffer(buffer, 0, &staging, 0, buffer.size());
-    ctx.queue().submit([enc.finish()]);
-    staging
-        .slice(..)
-        .map_async(wgpu::MapMode::Read, |r| r.unwrap());
-    ctx.wait().unwrap();
-    bytemuck::cast_slice(&staging.slice(..).get_mapped_range().unwrap()).to_vec()
 }
 
 #[test]
@@ -128,7 +93,7 @@ fn an_arena_of_user_tensors_steps_as_one_vector() {
     let (_, p2, _) = check_step(&mut opt, &state, &p1, &v1, &g2, 1.0);
 
     // Updated in place in the user's buffer; the bytes around the arena untouched.
-    let raw = all_bytes(&ctx, &params);
+    let raw = read_f32(&ctx, &params);
     let lead = p_lead as usize / 4;
     assert_eq!(raw[lead..lead + n], p2[5..]);
     assert!(
@@ -137,7 +102,7 @@ fn an_arena_of_user_tensors_steps_as_one_vector() {
             .chain(&raw[lead + n..])
             .all(|&x| x == 7.0)
     );
-    let raw = all_bytes(&ctx, &grads);
+    let raw = read_f32(&ctx, &grads);
     let lead = g_lead as usize / 4;
     assert!(
         raw[..lead]
@@ -257,7 +222,7 @@ fn the_benchmark_fill_covers_a_run_whole() {
     assert_eq!(p[4..6], [0.0, 0.0]);
     assert!(p[6..].iter().all(|x| x.abs() <= 0.5 && *x != 0.0), "{p:?}");
     // the bytes around the arena in the user's buffer untouched
-    let raw = all_bytes(&ctx, &params);
+    let raw = read_f32(&ctx, &params);
     let lead = align as usize / 4;
     assert!(
         raw[..lead]

@@ -6,7 +6,9 @@
 
 mod common;
 
-use common::{GpuQuadratic, check_step, ctx, ctx_with_segments, fixed, random, sqnorm, two_steps};
+use common::{
+    GpuQuadratic, check_step, ctx, ctx_with_segments, fixed, random, read_f32, sqnorm, two_steps,
+};
 use polyak_gpu::{
     Error, ExternalTensor, GpuContext, Loss, PolyakConfig, PolyakSgd, TensorId, TensorSpec,
 };
@@ -150,7 +152,7 @@ fn user_owned_buffers_are_updated_in_place() {
     assert!(w.iter().zip(&c).all(|(a, b)| (a - b).abs() < 1e-4));
 
     // Read the user's buffer directly: updated in place, the bytes around it untouched.
-    let raw = read(&ctx, &params);
+    let raw = read_f32(&ctx, &params);
     let lead_f = lead as usize / 4;
     assert!(
         raw[..lead_f]
@@ -171,23 +173,6 @@ fn user_owned_buffers_are_updated_in_place() {
         w.iter().zip(&w2).all(|(a, b)| (a - b).abs() <= 1e-6),
         "owned and external runs differ"
     );
-}
-
-fn read(ctx: &GpuContext, buffer: &wgpu::Buffer) -> Vec<f32> {
-    let staging = ctx.device().create_buffer(&wgpu::BufferDescriptor {
-        label: None,
-        size: buffer.size(),
-        usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
-        mapped_at_creation: false,
-    });
-    let mut enc = ctx.device().create_command_encoder(&Default::default());
-    enc.copy_buffer_to_buffer(buffer, 0, &staging, 0, buffer.size());
-    ctx.queue().submit([enc.finish()]);
-    staging
-        .slice(..)
-        .map_async(wgpu::MapMode::Read, |r| r.unwrap());
-    ctx.wait().unwrap();
-    bytemuck::cast_slice(&staging.slice(..).get_mapped_range().unwrap()).to_vec()
 }
 
 #[test]
@@ -428,7 +413,7 @@ fn a_deferred_update_reaches_user_buffers_when_the_optimizer_is_dropped() {
     let state = opt.init_state(fixed(&g, 1.0)).unwrap();
     let s = opt.update(&state, fixed(&g, 1.0)).unwrap();
     drop(opt);
-    let raw = read(&ctx, &params);
+    let raw = read_f32(&ctx, &params);
     let expected: Vec<f32> = x0
         .iter()
         .zip(&g)

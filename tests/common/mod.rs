@@ -7,6 +7,49 @@ use polyak_gpu::{
     StepSizeMode, polyak_stepsize,
 };
 
+/// `size` bytes of `buffer` (COPY_SRC) from `offset`, read back through a staging
+/// buffer.
+pub fn read_back(ctx: &GpuContext, buffer: &wgpu::Buffer, offset: u64, size: u64) -> Vec<u8> {
+    let staging = ctx.device().create_buffer(&wgpu::BufferDescriptor {
+        label: None,
+        size,
+        usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
+        mapped_at_creation: false,
+    });
+    let mut enc = ctx.device().create_command_encoder(&Default::default());
+    enc.copy_buffer_to_buffer(buffer, offset, &staging, 0, size);
+    ctx.queue().submit([enc.finish()]);
+    staging
+        .slice(..)
+        .map_async(wgpu::MapMode::Read, |r| r.unwrap());
+    ctx.wait().unwrap();
+    let bytes = staging.slice(..).get_mapped_range().unwrap().to_vec();
+    staging.unmap();
+    bytes
+}
+
+/// The whole of `buffer` as f32s.
+pub fn read_f32(ctx: &GpuContext, buffer: &wgpu::Buffer) -> Vec<f32> {
+    bytemuck::pod_collect_to_vec(&read_back(ctx, buffer, 0, buffer.size()))
+}
+
+/// A user's buffer (STORAGE, COPY_SRC, COPY_DST): `lead` bytes of 7.0, then `data`,
+/// then eight more 7.0s, the 7.0s to check that nothing writes around `data`.
+pub fn user_buffer(ctx: &GpuContext, data: &[f32], lead: u64) -> wgpu::Buffer {
+    use wgpu::util::DeviceExt;
+    let mut contents = vec![7.0f32; lead as usize / 4];
+    contents.extend_from_slice(data);
+    contents.extend_from_slice(&[7.0; 8]);
+    ctx.device()
+        .create_buffer_init(&wgpu::util::BufferInitDescriptor {
+            label: Some("user buffer"),
+            contents: bytemuck::cast_slice(&contents),
+            usage: wgpu::BufferUsages::STORAGE
+                | wgpu::BufferUsages::COPY_SRC
+                | wgpu::BufferUsages::COPY_DST,
+        })
+}
+
 /// The adapter the tests run on: wgpu's choice (lavapipe on CI), honouring the usual
 /// environment variables.
 pub fn ctx() -> GpuContext {

@@ -15,6 +15,15 @@ use crate::stepsize::{Precision, polyak_stepsize};
 /// of each piece, keep their values.
 pub fn fill(opt: &PolyakSgd, params: bool, seed: u32, scale: f32) -> Result<()> {
     let ctx = opt.context();
+    opt.buffers().flush()?;
+    // (a user buffer destroyed since registration: an error, not wgpu's panic)
+    ctx.checked(|| encode_fill(opt, params, seed, scale))?;
+    ctx.wait()
+}
+
+/// Records and submits [`fill`]'s dispatches.
+fn encode_fill(opt: &PolyakSgd, params: bool, seed: u32, scale: f32) {
+    let ctx = opt.context();
     let source = include_str!("../shaders/bench_fill.wgsl");
     let shader = module(
         ctx,
@@ -76,7 +85,6 @@ pub fn fill(opt: &PolyakSgd, params: bool, seed: u32, scale: f32) -> Result<()> 
         pass.dispatch_workgroups(x, y, 1);
     }
     ctx.queue().submit([encoder.finish()]);
-    ctx.wait()
 }
 
 /// A device-to-device copy with the optimizer's geometry and walk, to measure the

@@ -209,19 +209,24 @@ impl ParamBuffers {
     /// sees the updated parameters. Every method here that reads or writes a vector
     /// does this first; call it before submitting your own work that reads the
     /// parameters outside the objective when updates are deferred.
-    pub fn flush(&self) {
+    ///
+    /// [`Error::Validation`](crate::Error::Validation) if wgpu rejects the update
+    /// (a user buffer destroyed since it was recorded); it is then dropped.
+    pub fn flush(&self) -> Result<()> {
         let pending = self.pending.lock().map(|mut p| p.take()).unwrap_or(None);
-        if let Some(cb) = pending {
-            self.ctx.queue().submit([cb]);
+        match pending {
+            Some(cb) => self.ctx.checked(|| self.ctx.queue().submit([cb])).map(drop),
+            None => Ok(()),
         }
     }
 
     /// Keeps `cb` to go out with the next submission.
-    pub(crate) fn defer(&self, cb: wgpu::CommandBuffer) {
-        self.flush();
+    pub(crate) fn defer(&self, cb: wgpu::CommandBuffer) -> Result<()> {
+        self.flush()?;
         if let Ok(mut p) = self.pending.lock() {
             *p = Some(cb);
         }
+        Ok(())
     }
 
     /// Whether a deferred update waits for the next submission.
@@ -350,8 +355,9 @@ impl ParamBuffers {
 }
 
 impl Drop for ParamBuffers {
-    /// A deferred update still goes out: user-owned buffers outlive the optimizer.
+    /// A deferred update still goes out: user-owned buffers outlive the optimizer
+    /// (unless wgpu rejects it: nothing to report it to here).
     fn drop(&mut self) {
-        self.flush();
+        let _ = self.flush();
     }
 }

@@ -333,7 +333,7 @@ impl PolyakSgd {
     /// step size the norm pass computes from the loss slot, never refused, so it
     /// changes the parameters (and velocity) like `reps` steps.
     pub fn time_phases(&mut self, reps: usize) -> Result<PhaseTimes> {
-        self.buffers.flush();
+        self.buffers.flush()?;
         let reps = reps.max(1);
         let device = self.ctx.device();
         let mut norm = Vec::with_capacity(reps.min(1024));
@@ -399,17 +399,20 @@ impl PolyakSgd {
     /// the optimizer and of its [`ParamBuffers`] sees the updated parameters; only
     /// work you submit yourself outside the objective does not until you `flush`.
     /// Off by default. Has no effect under [`StepSizeMode::Device`], whose update
-    /// is already in the step's only submission.
-    pub fn set_deferred_updates(&mut self, on: bool) {
+    /// is already in the step's only submission. Turning it off submits a deferred
+    /// update (see [`PolyakSgd::flush`]).
+    pub fn set_deferred_updates(&mut self, on: bool) -> Result<()> {
         if !on {
-            self.buffers.flush();
+            self.buffers.flush()?;
         }
         self.deferred = on;
+        Ok(())
     }
 
-    /// Submits a deferred update now (see [`PolyakSgd::set_deferred_updates`]).
-    pub fn flush(&self) {
-        self.buffers.flush();
+    /// Submits a deferred update now (see [`PolyakSgd::set_deferred_updates`]);
+    /// [`Error::Validation`] if wgpu rejects it (a user buffer destroyed since).
+    pub fn flush(&self) -> Result<()> {
+        self.buffers.flush()
     }
 
     /// Sets jaxopt's `pre_update`: called at the start of every `update`, before the
@@ -605,7 +608,7 @@ impl PolyakSgd {
         f: impl FnOnce(&mut Evaluation<'_>) -> Result<(Loss, A)>,
     ) -> Result<State<A>> {
         if let Some(hook) = self.pre_update.as_mut() {
-            self.buffers.flush();
+            self.buffers.flush()?;
             hook(&PreUpdate {
                 context: &self.ctx,
                 buffers: &self.buffers,
@@ -637,7 +640,7 @@ impl PolyakSgd {
             let mut encoder = self.encoder();
             self.kernels.encode_update(&mut encoder, None);
             if self.deferred {
-                self.buffers.defer(encoder.finish());
+                self.buffers.defer(encoder.finish())?;
             } else {
                 // (a user buffer destroyed since the step began fails here)
                 self.ctx.checked(|| self.buffers.submit(encoder.finish()))?;

@@ -213,7 +213,7 @@ fn random_configurations_match_f64_step_by_step_and_resume_bit_for_bit() {
         let mut opt = build(&ctx, &drawn);
         // Every other case defers its updates (host rule: one submission a step);
         // every read below must see them.
-        opt.set_deferred_updates(case % 2 == 1);
+        opt.set_deferred_updates(case % 2 == 1).unwrap();
         let n = opt.buffers().num_params();
         let p: Vec<f64> = (0..n).map(|_| rng.upm1()).collect();
         opt.buffers().upload_params_f64(&p).unwrap();

@@ -408,7 +408,7 @@ fn a_deferred_update_reaches_user_buffers_when_the_optimizer_is_dropped() {
         })
         .build()
         .unwrap();
-    opt.set_deferred_updates(true);
+    opt.set_deferred_updates(true).unwrap();
     let g = random(51, 64);
     let state = opt.init_state(fixed(&g, 1.0)).unwrap();
     let s = opt.update(&state, fixed(&g, 1.0)).unwrap();
@@ -510,6 +510,7 @@ fn a_destroyed_user_buffer_is_an_error_not_a_panic() {
     invalid(opt.buffers().download_tensor("w").map(drop), "download");
     invalid(opt.buffers().upload_tensor("w", &[1.0; 64]), "upload");
     invalid(opt.download_params().map(drop), "download_params");
+    invalid(polyak_gpu::bench::fill(&opt, true, 1, 1.0), "bench fill");
     invalid(opt.save_checkpoint(&state, &file), "save_checkpoint");
     assert!(!file.exists(), "a failed save leaves no file");
     invalid(
@@ -518,4 +519,24 @@ fn a_destroyed_user_buffer_is_an_error_not_a_panic() {
     );
     // the optimizer's own tensor still moves through the host
     assert_eq!(opt.buffers().download_tensor("bias").unwrap().len(), 4);
+
+    // A deferred update on a buffer destroyed before it goes out: an error from
+    // flush (and from whatever flushes it), not a panic.
+    let (params, grads) = user_buffers(&ctx, &random(6, 64), align);
+    let mut opt = PolyakSgd::builder(&ctx, PolyakConfig::default().momentum(0.5))
+        .external(ExternalTensor {
+            spec: TensorSpec::new("w", &[64]),
+            params: params.clone(),
+            params_offset: align,
+            grads,
+            grads_offset: 0,
+        })
+        .build()
+        .unwrap();
+    opt.set_deferred_updates(true).unwrap();
+    let state = opt.init_state(fixed(&random(7, 64), 1.0)).unwrap();
+    opt.update(&state, fixed(&random(8, 64), 1.0)).unwrap();
+    params.destroy();
+    invalid(opt.flush(), "flush");
+    opt.flush().unwrap(); // dropped: nothing left to submit
 }

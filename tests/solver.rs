@@ -372,7 +372,7 @@ fn deferred_updates_give_the_same_trajectory_and_every_read_sees_them() {
     let cfg = PolyakConfig::default().momentum(0.9).maxiter(7).tol(-1.0);
     let run = |deferred: bool| {
         let mut opt = PolyakSgd::new(&ctx, cfg.clone(), &x0).unwrap();
-        opt.set_deferred_updates(deferred);
+        opt.set_deferred_updates(deferred).unwrap();
         let q = GpuQuadratic::new(&opt, "params", &c);
         let mut state = opt.init_state(|ev| q.eval(ev)).unwrap();
         let mut seen = Vec::new();
@@ -394,7 +394,7 @@ fn deferred_updates_give_the_same_trajectory_and_every_read_sees_them() {
                 Ok((Loss::Host(0.5 * sqnorm(&g)), ()))
             })
             .unwrap();
-        opt.flush();
+        opt.flush().unwrap();
         (
             state,
             seen,
@@ -516,7 +516,7 @@ fn an_invalid_command_of_the_objective_is_an_error_and_runs_nothing() {
             twin.download_params().unwrap()
         };
         let mut opt = PolyakSgd::new(&ctx, cfg.clone(), &p0).unwrap();
-        opt.set_deferred_updates(deferred);
+        opt.set_deferred_updates(deferred).unwrap();
         assert!(is_invalid(&opt.init_state(bad)), "{mode:?}");
         let state = opt.init_state(fixed(&g, 1.0)).unwrap();
         let s1 = opt.update(&state, fixed(&g, 1.0)).unwrap();

@@ -275,7 +275,7 @@ fn device_mode_converges_and_l2_optimality_error_does_not_step() {
     let cfg = PolyakConfig::default().tol(1e-4).stepsize_mode(DEVICE);
     let mut opt = PolyakSgd::new(&ctx, cfg, &random(71, n)).unwrap();
     // deferring is meaningless here and must not change anything
-    opt.set_deferred_updates(true);
+    opt.set_deferred_updates(true).unwrap();
     let q = GpuQuadratic::new(&opt, "params", &c);
     let s = opt.run(|ev| q.eval(ev)).unwrap();
     assert!(s.error <= 1e-4 && (20..=23).contains(&s.iter_num), "{s:?}");

@@ -153,7 +153,7 @@ impl ParamBuffers {
         data: &[T],
         pick: impl Fn(&Segment) -> Option<&Region>,
     ) -> Result<()> {
-        self.flush(); // a deferred update must not land after this write
+        self.flush()?; // a deferred update must not land after this write
         for p in &t.parts {
             let r = pick(&self.segments[p.segment]).ok_or_else(no_velocity)?;
             needs(&r.buffer, wgpu::BufferUsages::COPY_DST, &t.spec.name)?;
@@ -168,7 +168,7 @@ impl ParamBuffers {
         t: &TensorPlacement,
         pick: impl Fn(&Segment) -> Option<&Region>,
     ) -> Result<Vec<T>> {
-        self.flush();
+        self.flush()?;
         let mut out = Vec::with_capacity(t.spec.len());
         for p in &t.parts {
             match pick(&self.segments[p.segment]) {
@@ -252,7 +252,7 @@ impl ParamBuffers {
         velocity: bool,
         elem: u64,
     ) -> Result<Vec<u8>> {
-        self.flush();
+        self.flush()?;
         let mut out = Vec::with_capacity(t.spec.len() * elem as usize);
         for p in &t.parts {
             let Some(r) = self.region(p.segment, velocity) else {
@@ -291,7 +291,7 @@ impl ParamBuffers {
         queued: &mut u64,
         mut read: impl FnMut(u64, &mut [u8]) -> Result<()>,
     ) -> Result<()> {
-        self.flush(); // a deferred update must not land after this write
+        self.flush()?; // a deferred update must not land after this write
         let mut buf = Vec::new();
         for p in &t.parts {
             let r = self.region(p.segment, velocity).ok_or_else(no_velocity)?;
@@ -393,7 +393,7 @@ impl ParamBuffers {
     /// Downloads a whole vector with one copy per segment (not one per tensor piece,
     /// which would be hundreds of round trips for a many-tensor model).
     fn download_flat<T: Elem>(&self, pick: impl Fn(&Segment) -> Option<&Region>) -> Result<Vec<T>> {
-        self.flush();
+        self.flush()?;
         let mut segments = Vec::with_capacity(self.segments.len());
         for (i, s) in self.segments.iter().enumerate() {
             segments.push(match pick(s) {

@@ -241,7 +241,7 @@ fn time_steps(
     for _ in 0..warmup {
         state = opt.update(&state, keep)?;
     }
-    opt.flush();
+    opt.flush()?;
     opt.context().wait()?;
     let mut times = Vec::with_capacity(reps);
     for i in 0..reps {
@@ -249,7 +249,7 @@ fn time_steps(
         state = opt.update(&state, keep)?;
         if i + 1 == reps {
             // the last update is not waited for by a next step
-            opt.flush();
+            opt.flush()?;
             opt.context().wait()?;
         }
         times.push(t0.elapsed().as_secs_f64() * 1e3);
@@ -282,7 +282,7 @@ fn fixed_overhead(
     sync_every: usize,
 ) -> Result<f64> {
     let mut tiny = PolyakSgd::new(ctx, config(true, stepsize, sync_every), &[0.5; 4])?;
-    tiny.set_deferred_updates(args.deferred);
+    tiny.set_deferred_updates(args.deferred)?;
     fill(&tiny, false, 3, 1e-3)?;
     let mut times = time_steps(&mut tiny, args.warmup.max(3), args.reps.max(20), None)?;
     Ok(stats(&mut times).0)
@@ -613,7 +613,7 @@ fn measure(ctx: &GpuContext, args: &Args, n: usize, momentum: bool, copy_gbps: f
             );
         }
         let mut opt = builder.build()?;
-        opt.set_deferred_updates(args.deferred);
+        opt.set_deferred_updates(args.deferred)?;
         fill(&opt, true, 1, 1.0)?;
         fill(&opt, false, 2, 1e-3)?;
         let mut times = time_steps(&mut opt, args.warmup, args.reps, partials.as_ref())?;

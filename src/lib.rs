@@ -16,6 +16,9 @@
 //! - [`PolyakSgd`]: `init_state`, `update`, `run`, `run_iterator`,
 //!   `l2_optimality_error`; `update_batches` (epochs of a training loop);
 //!   `save_checkpoint` / `load_checkpoint`.
+//! - [`ExternalTensor`]: tensors whose buffers you own, updated in place; many of
+//!   them laid back to back in one pair of buffers form a run, which costs what one
+//!   tensor costs.
 //! - Options beyond jaxopt's: [`StepSizeMode`], `sync_every` (pipelined runs),
 //!   [`NonFinitePolicy`], [`ParamDtype`] (f32 or f64), [`VelocityDtype`] (f16
 //!   velocity), and [`PolyakSgdBuilder::norm_from_objective`] for a gradient kernel

@@ -23,7 +23,8 @@ use std::ops::Range;
 /// a multiple of 4; a tensor inside it may have any length and may straddle two
 /// segments (then its `params_bindings` are two pieces at offsets that need not be
 /// aligned: bind your arena in your own kernels). Tensors in separate buffers are
-/// one run each, and cost a dispatch of the norm and of the update each per step.
+/// one run each, a segment each, whose norm and update share dispatches with up to 9
+/// other small segments: fewer dispatches than tensors, but more than one run.
 ///
 /// The device check relies on wgpu's validation, which catches a buffer of another
 /// device of the same `wgpu::Instance`; wgpu offers no way to recognise a buffer of

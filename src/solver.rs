@@ -514,17 +514,15 @@ impl PolyakSgd {
         scope: wgpu::ErrorScopeGuard,
     ) -> Result<()> {
         let commands = encoder.finish();
-        let scope = if self.buffers.has_pending() {
+        if self.buffers.has_pending() {
             // The deferred update rides with this submission: check the commands
             // first, so that a bad one does not take the update down with it.
             if let Some(e) = now(scope.pop()) {
                 return Err(Error::Validation(e.to_string()));
             }
-            self.validation_scope()
-        } else {
-            // wgpu rejects an invalid command buffer whole at submission: one scope.
-            scope
-        };
+            return self.ctx.checked(|| self.buffers.submit(commands));
+        }
+        // wgpu rejects an invalid command buffer whole at submission: one scope.
         self.buffers.submit(commands);
         match now(scope.pop()) {
             Some(e) => Err(Error::Validation(e.to_string())),

@@ -1,6 +1,6 @@
 //! The WGSL kernels (`shaders/`): pipelines and bind groups, made once per optimizer.
 
-use crate::buffers::{ParamBuffers, Region};
+use crate::buffers::{ParamBuffers, Region, Segment};
 use crate::config::{NonFinitePolicy, PolyakConfig, Variant};
 use crate::context::GpuContext;
 use wgpu::util::DeviceExt;
@@ -131,20 +131,36 @@ pub(crate) struct Kernels {
 }
 
 /// Splits segments of lengths `lens` into batches that share dispatches: runs of
-/// consecutive segments of at most [`SMALL_SEGMENT`] elements, at most `most` long;
-/// every other segment alone.
-fn batches(lens: &[usize], most: usize) -> Vec<std::ops::Range<usize>> {
+/// consecutive segments of at most [`SMALL_SEGMENT`] elements, at most `most` long,
+/// no two of which `clash`; every other segment alone.
+fn batches(
+    lens: &[usize],
+    most: usize,
+    clash: impl Fn(usize, usize) -> bool,
+) -> Vec<std::ops::Range<usize>> {
     let mut out: Vec<std::ops::Range<usize>> = Vec::new();
     for (i, &len) in lens.iter().enumerate() {
         let small = len <= SMALL_SEGMENT;
         match out.last_mut() {
-            Some(b) if small && lens[b.start] <= SMALL_SEGMENT && b.len() < most => {
+            Some(b)
+                if small
+                    && lens[b.start] <= SMALL_SEGMENT
+                    && b.len() < most
+                    && !b.clone().any(|j| clash(i, j)) =>
+            {
                 b.end = i + 1;
             }
             _ => out.push(i..i + 1),
         }
     }
     out
+}
+
+/// Whether segments `a` and `b` cannot share a dispatch: one's parameters (bound
+/// writable) in the buffer of the other's gradient (bound read-only), which wgpu
+/// refuses within one dispatch, as user tensors may have it.
+fn clash(a: &Segment, b: &Segment) -> bool {
+    a.params.buffer == b.grads.buffer || a.grads.buffer == b.params.buffer
 }
 
 /// `len` elements of `region`, as a binding.
@@ -410,7 +426,8 @@ impl Kernels {
             uniform_bytes: rule.size(),
         };
         let lens: Vec<usize> = bufs.segments.iter().map(|s| s.len).collect();
-        for batch in batches(&lens, most) {
+        let segments = &bufs.segments;
+        for batch in batches(&lens, most, |i, j| clash(&segments[i], &segments[j])) {
             let segs = &bufs.segments[batch.clone()];
             let (norm_pipeline, update_pipeline) =
                 kernels.pipelines_for(ctx, bufs, config, segs.len());
@@ -670,13 +687,17 @@ mod tests {
     #[test]
     fn small_segments_batch_up_to_the_limit() {
         let big = SMALL_SEGMENT + 4;
+        let none = |_, _| false;
         assert_eq!(
-            batches(&[4, 8, big, 4, 4, 4], 2),
+            batches(&[4, 8, big, 4, 4, 4], 2, none),
             vec![0..2, 2..3, 3..5, 5..6]
         );
-        assert_eq!(batches(&[big, 4, big], 10), vec![0..1, 1..2, 2..3]);
-        assert_eq!(batches(&[4; 3], 1), vec![0..1, 1..2, 2..3]);
-        assert_eq!(batches(&[SMALL_SEGMENT; 3], 10), vec![0..3]);
+        assert_eq!(batches(&[big, 4, big], 10, none), vec![0..1, 1..2, 2..3]);
+        assert_eq!(batches(&[4; 3], 1, none), vec![0..1, 1..2, 2..3]);
+        assert_eq!(batches(&[SMALL_SEGMENT; 3], 10, none), vec![0..3]);
+        // segment 2 clashes with segment 0: it starts a batch of its own
+        let clash = |i: usize, j: usize| (i.min(j), i.max(j)) == (0, 2);
+        assert_eq!(batches(&[4; 5], 10, clash), vec![0..2, 2..5]);
     }
 
     #[test]

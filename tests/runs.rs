@@ -231,3 +231,42 @@ fn the_benchmark_fill_covers_a_run_whole() {
             .all(|&x| x == 7.0)
     );
 }
+
+#[test]
+fn tensors_that_swap_buffers_never_share_a_dispatch() {
+    // "a" has its parameters in x and its gradient in y, "b" the other way round:
+    // in one dispatch x and y would each be bound writable and read-only, which
+    // wgpu refuses, so the two small segments go in separate dispatches.
+    let ctx = ctx_with_segments(SEGMENT);
+    let align = u64::from(ctx.limits().min_storage_buffer_offset_alignment);
+    let (p_a, p_b) = (random(80, 32), random(81, 32));
+    // where the other tensor's vector starts in each buffer: past 32 f32s, aligned
+    let second = 128u64.next_multiple_of(align);
+    let at = second as usize / 4;
+    let mut x_data = p_a.clone();
+    x_data.resize(at + 32, 0.0);
+    let mut y_data = vec![0.0; at];
+    y_data.extend(&p_b);
+    let (x, y) = (user_buffer(&ctx, &x_data, 0), user_buffer(&ctx, &y_data, 0));
+    let t =
+        |name: &str, params: &wgpu::Buffer, p_off, grads: &wgpu::Buffer, g_off| ExternalTensor {
+            spec: TensorSpec::new(name, &[32]),
+            params: params.clone(),
+            params_offset: p_off,
+            grads: grads.clone(),
+            grads_offset: g_off,
+        };
+    let cfg = PolyakConfig::default().momentum(0.5).fun_min(-1.0);
+    let mut opt = PolyakSgd::builder(&ctx, cfg)
+        .external(t("a", &x, 0, &y, 0))
+        .external(t("b", &y, second, &x, second))
+        .build()
+        .unwrap();
+    assert_eq!(opt.dispatches_per_step(), 2 * 2 + 1);
+    let p0 = [p_a, p_b].concat();
+    assert_eq!(opt.download_params().unwrap(), p0);
+    let (g1, g2) = (random(82, 64), random(83, 64));
+    let state = opt.init_state(fixed(&g1, 2.0)).unwrap();
+    let (state, p1, v1) = check_step(&mut opt, &state, &p0, &vec![0.0; 64], &g1, 2.0);
+    check_step(&mut opt, &state, &p1, &v1, &g2, 1.0);
+}

@@ -204,8 +204,10 @@ fn registration_checks_give_typed_errors() {
     // a shape whose element count overflows, and one whose bytes overflow u64
     assert!(reason(build(ext(&[1 << 40, 1 << 40], align, 0, &grads))).contains("overflows"));
     assert!(reason(build(ext(&[1 << 62], align, 0, &grads))).contains("exceeds"));
-    // params and grads overlapping in one buffer
-    assert!(reason(build(ext(&[16], align, 2 * align, &params))).contains("overlap"));
+    // params and grads in one buffer, overlapping or not: wgpu refuses to bind a
+    // buffer writable and read-only in one dispatch
+    assert!(reason(build(ext(&[16], align, 2 * align, &params))).contains("same buffer"));
+    assert!(reason(build(ext(&[16], align, 8 * align, &params))).contains("same buffer"));
     // two tensors in one buffer: disjoint is fine, overlapping is not (each would
     // be updated, and counted in the norm, once per tensor)
     let usage =

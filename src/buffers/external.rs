@@ -9,8 +9,9 @@ use std::ops::Range;
 ///
 /// Both regions hold `spec.len()` f32 values from their byte offset. Requirements,
 /// checked at registration with [`Error::Registration`]: `STORAGE` usage, regions
-/// inside their buffers and not overlapping each other, buffers of the optimizer's
-/// device, and for each *run* (below) an offset that is a multiple of the device's
+/// inside their buffers and not overlapping any other tensor's, parameters and
+/// gradient in two different buffers (wgpu refuses one buffer bound writable and
+/// read-only in one dispatch), buffers of the optimizer's device, and for each *run* (below) an offset that is a multiple of the device's
 /// `min_storage_buffer_offset_alignment` and a length that is a multiple of 4 (the
 /// kernels read `vec4<f32>`; pad with zeros). Uploading or downloading through the
 /// optimizer also needs `COPY_DST` / `COPY_SRC`.
@@ -88,8 +89,13 @@ impl ExternalTensor {
                 ));
             }
         }
-        if self.params == self.grads && self.params_offset.abs_diff(self.grads_offset) < bytes {
-            return bad("params and grads regions overlap".into());
+        if self.params == self.grads {
+            return bad(
+                "params and grads are in the same buffer: wgpu does not let one dispatch \
+                 bind a buffer writable (the parameters) and read-only (the gradient); \
+                 use two buffers"
+                    .into(),
+            );
         }
         Ok(())
     }

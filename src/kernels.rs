@@ -516,10 +516,11 @@ impl Kernels {
     }
 
     /// Most small segments one dispatch takes: three storage bindings each in the
-    /// update, beside the scalars slot.
+    /// update, beside the scalars slot and the batch's uniform (Metal counts every
+    /// buffer of a stage against one limit, which wgpu reports as the storage one).
     pub fn batch_limit(ctx: &GpuContext) -> usize {
         let bindings = ctx.limits().max_storage_buffers_per_shader_stage as usize;
-        (bindings.saturating_sub(1) / 3).clamp(1, MAX_BATCH)
+        (bindings.saturating_sub(2) / 3).clamp(1, MAX_BATCH)
     }
 
     /// Bytes of device memory the kernels use besides the vectors: the norm partials

@@ -52,7 +52,7 @@ fn a_300_tensor_model_steps_with_a_few_dispatches_and_matches_f64() {
     assert!(segments < 60, "{segments} segments");
     // small segments share dispatches, up to a batch limit of them
     let batch = opt.context().limits().max_storage_buffers_per_shader_stage as usize;
-    let batch = ((batch - 1) / 3).clamp(1, 10);
+    let batch = ((batch - 2) / 3).clamp(1, 10);
     assert_eq!(opt.dispatches_per_step(), 2 * segments.div_ceil(batch) + 1);
     let mut p0 = Vec::with_capacity(total);
     for (i, s) in specs.iter().enumerate() {

@@ -1,6 +1,7 @@
 //! Runs of user-owned tensors: tensors laid back to back in the user's buffers share
 //! segments, so a model of many small tensors in one arena costs a few dispatches
-//! per step, not two per tensor.
+//! per step, not two per tensor; and tensors in separate buffers, whose small
+//! segments share dispatches unless their buffers clash.
 
 mod common;
 

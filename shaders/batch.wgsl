@@ -1,8 +1,8 @@
 // What norm_partials.wgsl and update.wgsl share, put in front of both by the host
 // (kernels.rs): one dispatch covers a batch of segments (a large segment alone, or
 // up to ten small ones, which would otherwise each pay a dispatch's fixed cost), and
-// workgroup `g` of the dispatch works on the segment whose workgroups start at or
-// before it.
+// every workgroup of the dispatch walks its share of every segment of the batch (a
+// batch of tiny segments is one workgroup, not one per segment).
 //
 // WGSL cannot index bindings, so the host writes out each block of a kernel between
 // `@each` and `@end` once per segment of the batch, with `$K` the segment's index in
@@ -10,23 +10,19 @@
 // size.
 
 struct Geometry {
-    n4: u32,           // length of the segment in vec4s
-    chunk: u32,        // vec4s handled by one workgroup
-    groups_x: u32,     // (unused: the batch has one dispatch grid)
-    groups: u32,       // workgroups of this segment
-    partial_base: u32, // index of this segment's first partial (the norm's)
-    first: u32,        // the batch's first workgroup working on this segment
-    _pad0: u32,
-    _pad1: u32,
+    n4: u32,     // length of the segment in vec4s
+    chunk: u32,  // vec4s of one workgroup's share (the contiguous walk)
+    groups: u32, // workgroups sharing the segment (the stride of the grid-stride walk)
+    _pad: u32,
 }
 
 const M: u32 = $Mu; // segments in the batch
 
 struct Batch {
-    groups_x: u32, // workgroups along x in the dispatch (2-D when over 65,535)
-    total: u32,    // workgroups with work, all segments together
-    _pad0: u32,
-    _pad1: u32,
+    groups_x: u32,     // workgroups along x in the dispatch (2-D when over 65,535)
+    total: u32,        // workgroups with work
+    partial_base: u32, // index of the batch's first norm partial
+    _pad: u32,
     seg: array<Geometry, M>,
 }
 
@@ -48,24 +44,14 @@ fn workgroup_index(wid: vec3<u32>) -> u32 {
     return wid.y * batch.groups_x + wid.x;
 }
 
-// The segment of the batch that workgroup `g` works on.
-fn segment_of(g: u32) -> u32 {
-    var k = 0u;
-    for (var j = 1u; j < M; j++) {
-        if (g >= batch.seg[j].first) {
-            k = j;
-        }
-    }
-    return k;
-}
-
-// Invocation `lid` of the segment's workgroup `group`: first index, end and stride.
+// Invocation `lid` of workgroup `group`'s share of a segment: first index, end and
+// stride (an empty range where the segment has no share for this workgroup).
 fn walk(geo: Geometry, group: u32, lid: u32) -> vec3<u32> {
     if (CONTIGUOUS) {
-        let start = group * geo.chunk;
+        let start = min(group * geo.chunk, geo.n4);
         let end = min(start + geo.chunk, geo.n4);
         let per = (end - start + WG - 1u) / WG;
-        let first = start + lid * per;
+        let first = min(start + lid * per, end);
         return vec3<u32>(first, min(first + per, end), 1u);
     }
     return vec3<u32>(group * WG + lid, geo.n4, geo.groups * WG);

@@ -5,12 +5,8 @@
 struct Geometry {
     n4: u32,       // vec4s to copy
     chunk: u32,    // vec4s per workgroup
-    groups_x: u32, // workgroups along x
     groups: u32,   // workgroups with work
-    _pad0: u32,
-    _pad1: u32,
-    _pad2: u32,
-    _pad3: u32,
+    groups_x: u32, // workgroups along x
 }
 
 // binding 0: the source.

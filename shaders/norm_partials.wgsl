@@ -1,5 +1,5 @@
-// Squared L2 norm, pass 1 of 2: each workgroup sums g*g over its share of one
-// gradient segment and writes a single partial. Fixed order, no atomics, so the
+// Squared L2 norm, pass 1 of 2: each workgroup sums g*g over its share of the
+// gradient segments of its batch and writes a single partial. Fixed order, no atomics, so the
 // result is bitwise repeatable on one adapter. `real` / `real4` (f32 or f64) come
 // from the precision prelude, and the batch (`batch`, `segment_of`, `walk`) from
 // batch.wgsl, which the host puts in front (kernels.rs).
@@ -29,17 +29,10 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
     if (g >= batch.total) {
         return; // workgroup-uniform: the whole group leaves together
     }
-    let k = segment_of(g);
-    let geo = batch.seg[k];
-    let group = g - geo.first;
-    let w = walk(geo, group, lid);
     var acc = real4(0.0);
-    switch k {
-        // @each
-        case $Ku: { acc = sum_$K(w); }
-        // @end
-        default: {}
-    }
+    // @each
+    acc += sum_$K(walk(batch.seg[$K], g, lid));
+    // @end
     sums[lid] = (acc.x + acc.y) + (acc.z + acc.w);
     workgroupBarrier();
     for (var s = WG / 2u; s > 0u; s >>= 1u) {
@@ -49,6 +42,6 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
         workgroupBarrier();
     }
     if (lid == 0u) {
-        partials[geo.partial_base + group] = sums[0];
+        partials[batch.partial_base + g] = sums[0];
     }
 }

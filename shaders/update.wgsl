@@ -1,4 +1,5 @@
-// The fused Polyak update, one pass over each segment of the batch:
+// The fused Polyak update, one pass over each workgroup's share of every segment of
+// its batch:
 //   with momentum:    v = momentum * v - step * g;  p = p + v      (entry point `momentum`)
 //   without momentum: p = p + (-step) * g, no velocity traffic     (entry point `plain`)
 //
@@ -39,17 +40,11 @@ fn momentum(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_ind
     if (g >= batch.total || scalars[3] != 0.0) {
         return;
     }
-    let k = segment_of(g);
-    let geo = batch.seg[k];
-    let w = walk(geo, g - geo.first, lid);
     let step = scalars[2];
     let momentum = scalars[7];
-    switch k {
-        // @each
-        case $Ku: { momentum_$K(w, step, momentum); }
-        // @end
-        default: {}
-    }
+    // @each
+    momentum_$K(walk(batch.seg[$K], g, lid), step, momentum);
+    // @end
 }
 
 @compute @workgroup_size(256)
@@ -58,14 +53,8 @@ fn plain(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index)
     if (g >= batch.total || scalars[3] != 0.0) {
         return;
     }
-    let k = segment_of(g);
-    let geo = batch.seg[k];
-    let w = walk(geo, g - geo.first, lid);
     let neg_step = -scalars[2];
-    switch k {
-        // @each
-        case $Ku: { plain_$K(w, neg_step); }
-        // @end
-        default: {}
-    }
+    // @each
+    plain_$K(walk(batch.seg[$K], g, lid), neg_step);
+    // @end
 }

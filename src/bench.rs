@@ -122,8 +122,13 @@ impl CopyBench {
         };
         let src = buffer(wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_DST);
         let dst = buffer(wgpu::BufferUsages::STORAGE);
-        let geometry = Geometry::new(n4, ctx.max_workgroups(), 0);
-        let geo = uniform(ctx, &geometry);
+        let geometry = Geometry::new(n4, ctx.max_workgroups());
+        let dispatch = geometry.dispatch();
+        // `Geometry` of bench_copy.wgsl: the segment's, and the grid's width
+        let geo = uniform(
+            ctx,
+            &[geometry.n4, geometry.chunk, geometry.groups, dispatch.0],
+        );
         let shader = module(
             ctx,
             "bench copy",
@@ -143,7 +148,7 @@ impl CopyBench {
             ctx: ctx.clone(),
             pipeline,
             group,
-            dispatch: geometry.dispatch(),
+            dispatch,
             n: n4 as usize * 4,
             _buffers: [src, dst, geo],
         })

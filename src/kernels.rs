@@ -1,87 +1,17 @@
 //! The WGSL kernels (`shaders/`): pipelines and bind groups, made once per optimizer.
 
-use crate::buffers::{ParamBuffers, Region, Segment};
+use crate::buffers::{ParamBuffers, Region};
 use crate::config::{NonFinitePolicy, PolyakConfig, Variant};
 use crate::context::GpuContext;
 use wgpu::util::DeviceExt;
 
+mod batch;
+
+use batch::{BATCH, BatchGeometry, MAX_BATCH, batches, clash, expand};
+pub(crate) use batch::{Geometry, grid};
+
 /// Invocations per workgroup in every kernel (`WG` in the shaders).
 pub(crate) const WORKGROUP: u32 = 256;
-/// Most workgroups along one dispatch dimension (WebGPU's and every adapter's limit).
-const MAX_DIM: u32 = 65_535;
-/// Most loop iterations of one invocation. lavapipe was seen to stop a loop after
-/// 65,535 iterations; the geometry adds workgroups rather than go near that.
-const MAX_ITERATIONS: u32 = 4096;
-
-/// Segments of at most this many elements share dispatches, up to
-/// [`Kernels::batch_limit`] of them: a model of many small tensors in separate user
-/// buffers would otherwise pay a dispatch's fixed cost twice per tensor. Larger
-/// segments get dispatches of their own.
-pub(crate) const SMALL_SEGMENT: usize = 1 << 20;
-
-/// Most segments in one batch (the storage bindings of a stage allow fewer on some
-/// devices: three per segment in the update).
-const MAX_BATCH: usize = 10;
-
-/// What the norm and update kernels share (`Geometry`, the batch, the walk).
-const BATCH: &str = include_str!("../shaders/batch.wgsl");
-
-/// How the workgroups of a dispatch walk one segment; mirrors `Geometry` in
-/// `shaders/batch.wgsl`.
-#[repr(C)]
-#[derive(Debug, Clone, Copy, PartialEq, Eq, bytemuck::Pod, bytemuck::Zeroable)]
-pub(crate) struct Geometry {
-    /// Length of the segment in vec4s.
-    pub n4: u32,
-    /// vec4s of one workgroup's share (the contiguous walk).
-    pub chunk: u32,
-    /// Workgroups sharing the segment (the stride of the grid-stride walk).
-    pub groups: u32,
-    pub pad: u32,
-}
-
-impl Geometry {
-    /// Splits `n4` vec4s into at most `max_groups` contiguous chunks, one per
-    /// workgroup (more if a chunk would need over `MAX_ITERATIONS` loop iterations per
-    /// invocation).
-    pub fn new(n4: u32, max_groups: u32) -> Self {
-        let fewest = n4.div_ceil(WORKGROUP * MAX_ITERATIONS);
-        let wanted = n4
-            .div_ceil(WORKGROUP)
-            .clamp(1, max_groups.max(fewest).max(1));
-        let chunk = n4.div_ceil(wanted).max(1);
-        let groups = n4.div_ceil(chunk).max(1);
-        Geometry {
-            n4,
-            chunk,
-            groups,
-            pad: 0,
-        }
-    }
-
-    /// The same segment shared by `groups` workgroups (at least as many as
-    /// [`Geometry::new`] gave it), some of which may find no share.
-    fn spread(&self, groups: u32) -> Self {
-        Geometry {
-            chunk: self.n4.div_ceil(groups).max(1),
-            groups,
-            ..*self
-        }
-    }
-
-    /// The `(x, y)` workgroup counts to dispatch.
-    pub fn dispatch(&self) -> (u32, u32) {
-        grid(self.groups)
-    }
-}
-
-/// `groups` workgroups laid out as `(x, y)` with `x <= 65,535`; the kernels skip the
-/// `x * y - groups` extra ones.
-pub(crate) fn grid(groups: u32) -> (u32, u32) {
-    let x = groups.clamp(1, MAX_DIM);
-    (x, groups.div_ceil(x))
-}
-
 /// Mirrors `Rule` in `norm_final.wgsl`: the partial count, the variant and the
 /// non-finite policy (the real-valued options live in the scalars slot).
 #[repr(C)]
@@ -137,120 +67,9 @@ pub(crate) struct Kernels {
     uniform_bytes: u64,
 }
 
-/// Splits segments of lengths `lens` into batches that share dispatches: runs of
-/// consecutive segments of at most [`SMALL_SEGMENT`] elements, at most `most` long,
-/// no two of which `clash`; every other segment alone.
-fn batches(
-    lens: &[usize],
-    most: usize,
-    clash: impl Fn(usize, usize) -> bool,
-) -> Vec<std::ops::Range<usize>> {
-    let mut out: Vec<std::ops::Range<usize>> = Vec::new();
-    for (i, &len) in lens.iter().enumerate() {
-        let small = len <= SMALL_SEGMENT;
-        match out.last_mut() {
-            Some(b)
-                if small
-                    && lens[b.start] <= SMALL_SEGMENT
-                    && b.len() < most
-                    && !b.clone().any(|j| clash(i, j)) =>
-            {
-                b.end = i + 1;
-            }
-            _ => out.push(i..i + 1),
-        }
-    }
-    out
-}
-
-/// Whether segments `a` and `b` cannot share a dispatch: one's parameters (bound
-/// writable) in the buffer of the other's gradient (bound read-only), which wgpu
-/// refuses within one dispatch, as user tensors may have it.
-fn clash(a: &Segment, b: &Segment) -> bool {
-    a.params.buffer == b.grads.buffer || a.grads.buffer == b.params.buffer
-}
-
 /// `len` elements of `region`, as a binding.
 fn resource(region: &Region, len: usize) -> wgpu::BindingResource<'_> {
     wgpu::BindingResource::Buffer(region.binding(len))
-}
-
-/// A batch's dispatch: as many workgroups as its largest segment wants, each
-/// walking its share of every segment (so a batch of tiny segments is one
-/// workgroup, not one per segment), and one norm partial per workgroup.
-struct BatchGeometry {
-    /// Each segment's geometry, spread over the batch's workgroups.
-    segments: Vec<Geometry>,
-    /// The batch's workgroups.
-    groups: u32,
-    /// Index of the batch's first norm partial.
-    partial_base: u32,
-}
-
-impl BatchGeometry {
-    fn new(geometries: &[Geometry], partial_base: u32) -> Self {
-        let groups = geometries.iter().map(|g| g.groups).max().unwrap_or(1);
-        let segments = match geometries {
-            [one] => vec![*one], // alone: exactly as Geometry::new laid it out
-            _ => geometries.iter().map(|g| g.spread(groups)).collect(),
-        };
-        BatchGeometry {
-            segments,
-            groups,
-            partial_base,
-        }
-    }
-
-    /// The `(x, y)` workgroup counts to dispatch.
-    fn grid(&self) -> (u32, u32) {
-        grid(self.groups)
-    }
-
-    /// The uniform `Batch` of `shaders/batch.wgsl`: the grid's width, the
-    /// workgroups, the first partial, then each segment's geometry.
-    fn uniform(&self, ctx: &GpuContext) -> wgpu::Buffer {
-        let head = [self.grid().0, self.groups, self.partial_base, 0];
-        let mut bytes = bytemuck::bytes_of(&head).to_vec();
-        bytes.extend_from_slice(bytemuck::cast_slice(&self.segments));
-        ctx.device()
-            .create_buffer_init(&wgpu::util::BufferInitDescriptor {
-                label: Some("polyak batch geometry"),
-                contents: &bytes,
-                usage: wgpu::BufferUsages::UNIFORM,
-            })
-    }
-}
-
-/// `source` with each block of lines between a `// @each` line and a `// @end` line
-/// repeated once per segment of a batch of `m`, with the placeholders `subst(k)`
-/// gives for segment `k` replaced, and `$M` set to `m`.
-fn expand(source: &str, m: usize, subst: impl Fn(usize) -> Vec<(&'static str, usize)>) -> String {
-    let mut out = String::new();
-    let mut block: Option<Vec<&str>> = None;
-    for line in source.lines() {
-        match (line.trim(), &mut block) {
-            ("// @each", _) => block = Some(Vec::new()),
-            ("// @end", Some(lines)) => {
-                for k in 0..m {
-                    for l in lines.iter() {
-                        let mut l = l.to_string();
-                        for (placeholder, value) in subst(k) {
-                            l = l.replace(placeholder, &value.to_string());
-                        }
-                        out.push_str(&l);
-                        out.push('\n');
-                    }
-                }
-                block = None;
-            }
-            (_, Some(lines)) => lines.push(line),
-            (_, None) => {
-                out.push_str(&line.replace("$M", &m.to_string()));
-                out.push('\n');
-            }
-        }
-    }
-    out
 }
 
 pub(crate) fn pipeline(
@@ -616,32 +435,11 @@ impl Kernels {
 mod tests {
     use super::*;
 
-    #[test]
-    fn geometry_covers_every_vec4_once() {
-        for &(n4, max) in &[
-            (1u32, 8u32),
-            (255, 8),
-            (257, 8),
-            (1 << 20, 8192),
-            (1000, 3),
-            (5, 100_000),
-        ] {
-            let g = Geometry::new(n4, max);
-            assert!(g.groups <= max.max(1));
-            assert!(g.groups * g.chunk >= n4, "{n4} {max}: {g:?}");
-            assert!(
-                (g.groups - 1) * g.chunk < n4,
-                "{n4} {max}: empty group {g:?}"
-            );
-            let (x, y) = g.dispatch();
-            assert!(x <= MAX_DIM && x * y >= g.groups);
-        }
-    }
-
     /// One vec4 per workgroup forces more than 65,535 workgroups at a small size, so
     /// the 2-D dispatch path of both kernels runs on any adapter.
     #[test]
     fn two_dimensional_dispatch_norm_and_update() {
+        use super::batch::MAX_DIM;
         use crate::config::{ParamDtype, VelocityDtype};
         use crate::conformance::SplitMix64;
         use crate::layout::{Layout, TensorSpec};
@@ -710,32 +508,6 @@ mod tests {
                 "only {changed} of {n} parameters moved"
             );
         }
-    }
-
-    #[test]
-    fn small_segments_batch_up_to_the_limit() {
-        let big = SMALL_SEGMENT + 4;
-        let none = |_, _| false;
-        assert_eq!(
-            batches(&[4, 8, big, 4, 4, 4], 2, none),
-            vec![0..2, 2..3, 3..5, 5..6]
-        );
-        assert_eq!(batches(&[big, 4, big], 10, none), vec![0..1, 1..2, 2..3]);
-        assert_eq!(batches(&[4; 3], 1, none), vec![0..1, 1..2, 2..3]);
-        assert_eq!(batches(&[SMALL_SEGMENT; 3], 10, none), vec![0..3]);
-        // segment 2 clashes with segment 0: it starts a batch of its own
-        let clash = |i: usize, j: usize| (i.min(j), i.max(j)) == (0, 2);
-        assert_eq!(batches(&[4; 5], 10, clash), vec![0..2, 2..5]);
-    }
-
-    #[test]
-    fn expand_repeats_each_block_per_segment() {
-        let src = "const M = $Mu;\n// @each\nvar x_$K = $B;\n// @end\nswitch {\n  // @each\n  case $Ku: {}\n  // @end\n}\n";
-        let out = expand(src, 2, |k| vec![("$K", k), ("$B", 10 + k)]);
-        assert_eq!(
-            out,
-            "const M = 2u;\nvar x_0 = 10;\nvar x_1 = 11;\nswitch {\n  case 0u: {}\n  case 1u: {}\n}\n"
-        );
     }
 
     /// Batched kernels against one dispatch per segment, on the same data: the
@@ -826,14 +598,5 @@ mod tests {
                 }
             }
         }
-    }
-
-    #[test]
-    fn geometry_goes_2d_past_65535_groups() {
-        let g = Geometry::new(1 << 25, 100_000);
-        let (x, y) = g.dispatch();
-        assert!(g.groups > MAX_DIM);
-        assert_eq!(x, MAX_DIM);
-        assert_eq!(y, 2);
     }
 }

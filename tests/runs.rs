@@ -5,7 +5,7 @@
 
 mod common;
 
-use common::{check_step, ctx_with_segments, fixed, random, read_f32, user_buffer};
+use common::{check_step, ctx_with_segments, fixed, inside_sentinels, random, user_buffer};
 use half::f16;
 use polyak_gpu::{Error, ExternalTensor, Loss, PolyakConfig, PolyakSgd, TensorSpec, VelocityDtype};
 
@@ -94,23 +94,8 @@ fn an_arena_of_user_tensors_steps_as_one_vector() {
     let (_, p2, _) = check_step(&mut opt, &state, &p1, &v1, &g2, 1.0);
 
     // Updated in place in the user's buffer; the bytes around the arena untouched.
-    let raw = read_f32(&ctx, &params);
-    let lead = p_lead as usize / 4;
-    assert_eq!(raw[lead..lead + n], p2[5..]);
-    assert!(
-        raw[..lead]
-            .iter()
-            .chain(&raw[lead + n..])
-            .all(|&x| x == 7.0)
-    );
-    let raw = read_f32(&ctx, &grads);
-    let lead = g_lead as usize / 4;
-    assert!(
-        raw[..lead]
-            .iter()
-            .chain(&raw[lead + n..])
-            .all(|&x| x == 7.0)
-    );
+    assert_eq!(inside_sentinels(&ctx, &params, p_lead, n), p2[5..]);
+    inside_sentinels(&ctx, &grads, g_lead, n);
 }
 
 #[test]
@@ -223,14 +208,7 @@ fn the_benchmark_fill_covers_a_run_whole() {
     assert_eq!(p[4..6], [0.0, 0.0]);
     assert!(p[6..].iter().all(|x| x.abs() <= 0.5 && *x != 0.0), "{p:?}");
     // the bytes around the arena in the user's buffer untouched
-    let raw = read_f32(&ctx, &params);
-    let lead = align as usize / 4;
-    assert!(
-        raw[..lead]
-            .iter()
-            .chain(&raw[lead + n..])
-            .all(|&x| x == 7.0)
-    );
+    inside_sentinels(&ctx, &params, align, n);
 }
 
 #[test]

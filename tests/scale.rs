@@ -7,7 +7,8 @@
 mod common;
 
 use common::{
-    GpuQuadratic, check_step, ctx, ctx_with_segments, fixed, random, read_f32, sqnorm, two_steps,
+    GpuQuadratic, check_step, ctx, ctx_with_segments, fixed, inside_sentinels, random, read_f32,
+    sqnorm, two_steps,
 };
 use polyak_gpu::{
     Error, ExternalTensor, GpuContext, Loss, PolyakConfig, PolyakSgd, TensorId, TensorSpec,
@@ -78,18 +79,9 @@ fn a_300_tensor_model_steps_with_a_few_dispatches_and_matches_f64() {
 /// Buffers made by the "user": parameters at a non-zero offset, gradients in a
 /// buffer of their own, both with room around them that must stay untouched.
 fn user_buffers(ctx: &GpuContext, p: &[f32], lead: u64) -> (wgpu::Buffer, wgpu::Buffer) {
-    let mut contents = vec![7.0f32; lead as usize / 4];
-    contents.extend_from_slice(p);
-    contents.extend_from_slice(&[7.0; 8]);
     let usage =
         wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_SRC | wgpu::BufferUsages::COPY_DST;
-    let params = ctx
-        .device()
-        .create_buffer_init(&wgpu::util::BufferInitDescriptor {
-            label: Some("user params"),
-            contents: bytemuck::cast_slice(&contents),
-            usage,
-        });
+    let params = common::user_buffer(ctx, p, lead);
     let grads = ctx
         .device()
         .create_buffer_init(&wgpu::util::BufferInitDescriptor {
@@ -152,15 +144,7 @@ fn user_owned_buffers_are_updated_in_place() {
     assert!(w.iter().zip(&c).all(|(a, b)| (a - b).abs() < 1e-4));
 
     // Read the user's buffer directly: updated in place, the bytes around it untouched.
-    let raw = read_f32(&ctx, &params);
-    let lead_f = lead as usize / 4;
-    assert!(
-        raw[..lead_f]
-            .iter()
-            .chain(&raw[lead_f + n..])
-            .all(|&x| x == 7.0)
-    );
-    assert_eq!(raw[lead_f..lead_f + n], w[..]);
+    assert_eq!(inside_sentinels(&ctx, &params, lead, n), w);
 
     // The same run on optimizer-owned buffers (one segment) gives the same result.
     let one = common::ctx();

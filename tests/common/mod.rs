@@ -50,6 +50,21 @@ pub fn user_buffer(ctx: &GpuContext, data: &[f32], lead: u64) -> wgpu::Buffer {
         })
 }
 
+/// The `n` values after `lead` bytes of a buffer made by [`user_buffer`], after
+/// asserting that the 7.0s around them are still there (nothing wrote outside).
+pub fn inside_sentinels(ctx: &GpuContext, buffer: &wgpu::Buffer, lead: u64, n: usize) -> Vec<f32> {
+    let raw = read_f32(ctx, buffer);
+    let lead = lead as usize / 4;
+    assert!(
+        raw[..lead]
+            .iter()
+            .chain(&raw[lead + n..])
+            .all(|&x| x == 7.0),
+        "a write outside the user's values"
+    );
+    raw[lead..lead + n].to_vec()
+}
+
 /// The adapter the tests run on: wgpu's choice (lavapipe on CI), honouring the usual
 /// environment variables.
 pub fn ctx() -> GpuContext {

@@ -11,8 +11,8 @@
 // `segment_of`, `walk`) comes from batch.wgsl, also put in front.
 
 // binding 0: the scalars slot of norm_final.wgsl: [2] = the step size, [3] = not 0.0
-// if this update must not run (refused, or the run halted), [7] = the momentum.
-@group(0) @binding(0) var<storage, read> scalars: array<real, 12>;
+// if this update must not run (refused, or the run halted), [9] = the momentum.
+@group(0) @binding(0) var<storage, read> scalars: array<real, 14>;
 
 // @each
 // bindings $BP, $BG, $BV: the parameters (updated in place), the gradient and the
@@ -41,7 +41,7 @@ fn momentum(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_ind
         return;
     }
     let step = scalars[2];
-    let momentum = scalars[7];
+    let momentum = scalars[9];
     // @each
     momentum_$K(walk(batch.seg[$K], g, lid), step, momentum);
     // @end

@@ -2,6 +2,7 @@
 //! segments, and the bindings a user's kernels take of them. `external`: tensors
 //! whose buffers the user owns; `transfer`: uploads, downloads and readbacks.
 
+use crate::config::PolyakConfig;
 use crate::context::GpuContext;
 use crate::error::Result;
 use crate::layout::{Layout, TensorKey};
@@ -103,18 +104,18 @@ pub(crate) fn device_segment_capacity(limits: &wgpu::Limits, real_bytes: u64) ->
 }
 
 impl ParamBuffers {
-    /// Allocates zeroed buffers for the arena segments of `layout` (a velocity of
-    /// `velocity_bytes` per element for every segment, none if 0) and uses the
-    /// user's buffers for the segments of external tensors, given in layout order.
+    /// Allocates zeroed buffers for the arena segments of `layout` (in `config`'s
+    /// precision, with a velocity for every segment where it has momentum) and uses
+    /// the user's buffers for the segments of external tensors, given in layout
+    /// order.
     pub(crate) fn new(
         ctx: &GpuContext,
         layout: Layout,
-        real_bytes: u64,
-        velocity_bytes: u64,
+        config: &PolyakConfig,
         external: &[ExternalTensor],
-        readback_slots: usize,
         objective_partials: Option<u32>,
     ) -> Self {
+        let (real_bytes, velocity_bytes) = (config.dtype.bytes(), config.velocity_bytes());
         let device = ctx.device();
         let storage = |label: &str, bytes: u64| {
             device.create_buffer(&wgpu::BufferDescriptor {
@@ -173,7 +174,7 @@ impl ParamBuffers {
                 }
             })
             .collect();
-        let scalars = ScalarSlot::new(ctx, real_bytes, readback_slots);
+        let scalars = ScalarSlot::new(ctx, real_bytes, config.sync_every, config.check_overflow);
         let objective_norm = objective_partials.map(|count| {
             let unwritten = device.create_buffer_init(&wgpu::util::BufferInitDescriptor {
                 label: Some("polyak objective norm: NaN"),

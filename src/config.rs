@@ -39,7 +39,9 @@ impl fmt::Display for Variant {
 
 /// What to do when the loss, the squared gradient norm or the step size of a step
 /// is NaN or infinite. This is checked before the update runs: on the CPU under
-/// [`StepSizeMode::Host`], on the GPU under [`StepSizeMode::Device`].
+/// [`StepSizeMode::Host`], on the GPU under [`StepSizeMode::Device`]. An update
+/// that would overflow from finite inputs is caught only with
+/// [`PolyakConfig::check_overflow`], and then handled the same way.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 #[non_exhaustive]
 pub enum NonFinitePolicy {
@@ -193,6 +195,18 @@ pub struct PolyakConfig {
     pub velocity_dtype: VelocityDtype,
     /// The precision of parameters, gradients and the GPU's arithmetic. Default f32.
     pub dtype: ParamDtype,
+    /// Also refuse (or skip, under [`NonFinitePolicy::Skip`]) a step whose update
+    /// would write a NaN or an infinity into the parameters or the velocity from
+    /// finite inputs: an overflow of `p + v` or of `momentum * v - step * g`, or
+    /// parameters or velocity already non-finite. Not a jaxopt option. The norm
+    /// pass then also reads the parameters and the velocity (8 more bytes per
+    /// parameter with momentum, 4 without) and finds the step sizes for which every
+    /// updated value stays within 99.9% of the largest finite value; a step outside
+    /// them is [`Error::NonFiniteUpdate`]. Default off: the check of the loss, norm
+    /// and step alone cannot see these. Needs a policy that refuses or skips, and
+    /// the optimizer's own norm pass (not
+    /// [`crate::PolyakSgdBuilder::norm_from_objective`]).
+    pub check_overflow: bool,
 }
 
 impl Default for PolyakConfig {
@@ -211,6 +225,7 @@ impl Default for PolyakConfig {
             sync_every: 1,
             velocity_dtype: VelocityDtype::Full,
             dtype: ParamDtype::F32,
+            check_overflow: false,
         }
     }
 }
@@ -290,6 +305,14 @@ impl PolyakConfig {
         self
     }
 
+    /// Sets whether a step whose update would write a NaN or an infinity from
+    /// finite inputs is refused too (not a jaxopt option; see
+    /// [`PolyakConfig::check_overflow`]).
+    pub fn check_overflow(mut self, v: bool) -> Self {
+        self.check_overflow = v;
+        self
+    }
+
     /// Bytes per velocity element the optimizer allocates: 0 without momentum.
     pub(crate) fn velocity_bytes(&self) -> u64 {
         if self.momentum == 0.0 {
@@ -344,6 +367,13 @@ impl PolyakConfig {
                 "above 1 needs stepsize_mode Device (the host rule waits every step)",
             );
         }
+        if self.check_overflow && self.nonfinite == NonFinitePolicy::Propagate {
+            return Err(Error::InvalidOption {
+                option: "check_overflow",
+                value: "true".into(),
+                reason: "refuses or skips steps: not with NonFinitePolicy::Propagate",
+            });
+        }
         Ok(())
     }
 }
@@ -390,6 +420,13 @@ mod tests {
         );
         assert_eq!(option_of(device().sync_every(usize::MAX)), "sync_every");
         assert_eq!(option_of(c().sync_every(8)), "sync_every");
+        let propagate = || c().nonfinite(NonFinitePolicy::Propagate);
+        assert_eq!(
+            option_of(propagate().check_overflow(true)),
+            "check_overflow"
+        );
+        assert!(propagate().validate().is_ok());
+        assert!(c().check_overflow(true).validate().is_ok());
         assert!(
             c().sync_every(8)
                 .stepsize_mode(StepSizeMode::Device)

@@ -76,6 +76,27 @@ pub enum Error {
         /// The step size computed from them.
         stepsize: f64,
     },
+    /// A step was refused because its update would write a NaN or an infinity into
+    /// the parameters or the velocity although its loss, norm and step size are
+    /// finite: an overflow, or parameters or velocity already non-finite (checked
+    /// only with [`crate::PolyakConfig::check_overflow`]). Parameters and velocity
+    /// are unchanged.
+    #[error(
+        "step {iter_num} refused: with step size {stepsize} the update would write a \
+         non-finite parameter or velocity (it stays finite for step sizes in \
+         [{lowest}, {highest}], an empty range if one is already NaN or infinite); \
+         parameters and velocity are unchanged"
+    )]
+    NonFiniteUpdate {
+        /// Number of updates done before the refused one.
+        iter_num: usize,
+        /// The step size computed for it.
+        stepsize: f64,
+        /// The smallest step size the check lets through.
+        lowest: f64,
+        /// The largest step size the check lets through.
+        highest: f64,
+    },
     /// The objective (the caller's closure or model) could not evaluate: for it to
     /// return, e.g. on a batch it cannot use; the step is then not taken and the
     /// parameters stay as they were. The library never makes this error itself.

@@ -12,15 +12,16 @@ pub(crate) use batch::{Geometry, grid};
 
 /// Invocations per workgroup in every kernel (`WG` in the shaders).
 pub(crate) const WORKGROUP: u32 = 256;
-/// Mirrors `Rule` in `norm_final.wgsl`: the partial count, the variant and the
-/// non-finite policy (the real-valued options live in the scalars slot).
+/// Mirrors `Rule` in `norm_final.wgsl`: the partial count, the variant, the
+/// non-finite policy and the overflow check (the real-valued options live in the
+/// scalars slot).
 #[repr(C)]
 #[derive(Debug, Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]
 struct RuleUniform {
     n: u32,
     variant: u32,
     refuse: u32,
-    pad: u32,
+    guard: u32,
 }
 
 impl RuleUniform {
@@ -36,7 +37,7 @@ impl RuleUniform {
                 NonFinitePolicy::Refuse => 1,
                 NonFinitePolicy::Skip => 2,
             },
-            pad: 0,
+            guard: u32::from(config.check_overflow),
         }
     }
 }
@@ -105,13 +106,19 @@ pub(crate) fn module(
 }
 
 /// What the kernels' precision prelude defines for f32 parameters: `real`, `real4`,
-/// jnp's float32 eps, and NaN / infinity by bits (WGSL lets a compiler assume
-/// arithmetic never meets them, so these do not compare floats; a constant NaN or
-/// infinity is a shader-creation error, so they are made at run time).
+/// jnp's float32 eps, the overflow check's limit and smallest normal number, and
+/// NaN / infinity by bits (WGSL lets a compiler assume arithmetic never meets them,
+/// so these do not compare floats; a constant NaN or infinity is a shader-creation
+/// error, so they are made at run time).
 const PRELUDE_F32: &str = "\
 alias real = f32;
 alias real4 = vec4<f32>;
 const EPS: real = 1.1920929e-7;
+const LIMIT: real = 3.3995004e38; // 99.9% of the largest f32 (1 - 2^-10)
+const TINY: real = 1.1754943508222875e-38; // the smallest normal f32
+fn finite4(x: real4) -> bool {
+    return all((bitcast<vec4<u32>>(x) & vec4<u32>(0x7f800000u)) != vec4<u32>(0x7f800000u));
+}
 fn is_nan(x: real) -> bool { return (bitcast<u32>(x) & 0x7fffffffu) > 0x7f800000u; }
 fn is_finite(x: real) -> bool { return (bitcast<u32>(x) & 0x7f800000u) != 0x7f800000u; }
 fn nan() -> real { var bits = 0x7fc00000u; return bitcast<f32>(bits); }
@@ -130,7 +137,13 @@ const PRELUDE_F64: &str = "\
 alias real = f64;
 alias real4 = vec4<f64>;
 const EPS: real = 2.220446049250313e-16;
+const LIMIT: real = 1.7959375751603017e308; // 99.9% of the largest f64 (1 - 2^-10)
+const TINY: real = 2.2250738585072014e-308; // the smallest normal f64
 fn bits32(x: real) -> u32 { return bitcast<u32>(f32(x)); }
+fn finite4(x: real4) -> bool {
+    let bits = bitcast<vec4<u32>>(vec4<f32>(x * 9.332636185032189e-302));
+    return all((bits & vec4<u32>(0x7f800000u)) != vec4<u32>(0x7f800000u));
+}
 fn is_nan(x: real) -> bool { return (bits32(x) & 0x7fffffffu) > 0x7f800000u; }
 fn is_finite(x: real) -> bool {
     return (bits32(x * 9.332636185032189e-302) & 0x7f800000u) != 0x7f800000u;
@@ -241,17 +254,33 @@ impl Kernels {
                 (batch, geometry)
             })
             .collect();
-        // The final pass sums our per-workgroup partials, or the objective's own.
-        let partials = ctx.device().create_buffer(&wgpu::BufferDescriptor {
-            label: Some("polyak norm partials"),
-            size: if bufs.objective_norm.is_some() {
-                bufs.real_bytes()
+        // The final pass sums our per-workgroup partials, or the objective's own,
+        // and with the overflow check intersects our two bounds per workgroup.
+        let scratch = |label, reals: u64| {
+            ctx.device().create_buffer(&wgpu::BufferDescriptor {
+                label: Some(label),
+                size: reals.max(1) * bufs.real_bytes(),
+                usage: wgpu::BufferUsages::STORAGE,
+                mapped_at_creation: false,
+            })
+        };
+        let workgroups = u64::from(ours);
+        let partials = scratch(
+            "polyak norm partials",
+            if bufs.objective_norm.is_some() {
+                0
             } else {
-                u64::from(ours) * bufs.real_bytes()
+                workgroups
             },
-            usage: wgpu::BufferUsages::STORAGE,
-            mapped_at_creation: false,
-        });
+        );
+        let bounds = scratch(
+            "polyak step bounds",
+            if config.check_overflow {
+                2 * workgroups
+            } else {
+                0
+            },
+        );
         let (summed, count) = match &bufs.objective_norm {
             Some(o) => (&o.partials, o.count),
             None => (&partials, ours),
@@ -264,6 +293,7 @@ impl Kernels {
                 (0, summed.as_entire_binding()),
                 (1, bufs.scalars.buffer.as_entire_binding()),
                 (2, rule.as_entire_binding()),
+                (3, bounds.as_entire_binding()),
             ],
         );
         let mut kernels = Kernels {
@@ -273,7 +303,7 @@ impl Kernels {
             norm: Vec::new(),
             update: Vec::new(),
             final_group,
-            partials_bytes: partials.size(),
+            partials_bytes: partials.size() + bounds.size(),
             uniform_bytes: rule.size(),
         };
         for (batch, geometry) in batched {
@@ -283,13 +313,26 @@ impl Kernels {
             let (geo, grid) = (geometry.uniform(ctx), geometry.grid());
             kernels.uniform_bytes += geo.size();
             if bufs.objective_norm.is_none() {
-                // norm_partials.wgsl: partials 0, geometry 1, each gradient from 2.
+                // norm_partials.wgsl: partials 0, geometry 1, each gradient from 2;
+                // norm_guard.wgsl: bounds 2, then params, gradient and velocity of
+                // each segment from 3.
                 let mut entries = vec![
                     (0, partials.as_entire_binding()),
                     (1, geo.as_entire_binding()),
                 ];
-                for (k, s) in (2..).zip(segs) {
-                    entries.push((k, resource(&s.grads, s.len)));
+                if config.check_overflow {
+                    entries.push((2, bounds.as_entire_binding()));
+                    for (k, s) in (3..).step_by(3).zip(segs) {
+                        entries.push((k, resource(&s.params, s.len)));
+                        entries.push((k + 1, resource(&s.grads, s.len)));
+                        if let Some(v) = &s.velocity {
+                            entries.push((k + 2, resource(v, s.len)));
+                        }
+                    }
+                } else {
+                    for (k, s) in (2..).zip(segs) {
+                        entries.push((k, resource(&s.grads, s.len)));
+                    }
                 }
                 kernels.norm.push(Dispatch {
                     group: bind_group(ctx, &kernels.pipelines[norm_pipeline], &entries),
@@ -336,9 +379,20 @@ impl Kernels {
             let text = expand(&(BATCH.to_string() + text), m, subst);
             with_prelude(&text, bufs.real_bytes(), config.velocity_bytes())
         };
-        let norm = source(include_str!("../shaders/norm_partials.wgsl"), &|k| {
-            vec![("$K", k), ("$BG", 2 + k)]
-        });
+        let norm = if config.check_overflow {
+            source(include_str!("../shaders/norm_guard.wgsl"), &|k| {
+                vec![
+                    ("$K", k),
+                    ("$BP", 3 + 3 * k),
+                    ("$BG", 4 + 3 * k),
+                    ("$BV", 5 + 3 * k),
+                ]
+            })
+        } else {
+            source(include_str!("../shaders/norm_partials.wgsl"), &|k| {
+                vec![("$K", k), ("$BG", 2 + k)]
+            })
+        };
         let update = source(include_str!("../shaders/update.wgsl"), &|k| {
             vec![
                 ("$K", k),
@@ -355,8 +409,13 @@ impl Kernels {
         let constants = ctx.kernel_constants();
         let norm = module(ctx, "norm_partials", norm);
         let update = module(ctx, "update", update);
-        self.pipelines
-            .push(pipeline(ctx, &norm, "main", &constants));
+        let norm_pipeline = if config.check_overflow {
+            let with_momentum = [constants[0], ("MOMENTUM", config.momentum)];
+            pipeline(ctx, &norm, entry, &with_momentum)
+        } else {
+            pipeline(ctx, &norm, "main", &constants)
+        };
+        self.pipelines.push(norm_pipeline);
         self.pipelines
             .push(pipeline(ctx, &update, entry, &constants));
         let (n, u) = (self.pipelines.len() - 2, self.pipelines.len() - 1);
@@ -432,171 +491,4 @@ impl Kernels {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    /// One vec4 per workgroup forces more than 65,535 workgroups at a small size, so
-    /// the 2-D dispatch path of both kernels runs on any adapter.
-    #[test]
-    fn two_dimensional_dispatch_norm_and_update() {
-        use super::batch::MAX_DIM;
-        use crate::config::{ParamDtype, VelocityDtype};
-        use crate::conformance::SplitMix64;
-        use crate::layout::{Layout, TensorSpec};
-        let ctx = GpuContext::software()
-            .or_else(|_| GpuContext::new())
-            .expect("an adapter");
-        for dtype in [VelocityDtype::Full, VelocityDtype::F16] {
-            let n = 4 * 70_001 - 3;
-            let layout = Layout::new(&[TensorSpec::new("p", &[n])], 8, 1 << 30).unwrap();
-            let bufs =
-                ParamBuffers::new(&ctx, layout, 4, dtype.bytes(ParamDtype::F32), &[], 1, None);
-            let n4 = (bufs.segments[0].len / 4) as u32;
-            let geo = Geometry {
-                n4,
-                chunk: 1,
-                groups: n4,
-                pad: 0,
-            };
-            assert_eq!(geo.dispatch(), (MAX_DIM, 2));
-            let config = PolyakConfig::default()
-                .momentum(0.5)
-                .max_stepsize(100.0)
-                .velocity_dtype(dtype);
-            let kernels = Kernels::with_geometries(&ctx, &bufs, &config, vec![geo], 1);
-            let mut rng = SplitMix64::new(11);
-            let g: Vec<f32> = (0..n).map(|_| rng.upm1() as f32).collect();
-            let p: Vec<f32> = (0..n).map(|_| rng.upm1() as f32).collect();
-            bufs.upload_grads(&g).unwrap();
-            bufs.upload_params(&p).unwrap();
-            bufs.scalars.write_loss(1000.0);
-            let mut enc = ctx.device().create_command_encoder(&Default::default());
-            bufs.clear_velocity(&mut enc);
-            kernels.encode_norm(&mut enc, None);
-            bufs.scalars.encode_readback(&mut enc, 0);
-            ctx.queue().submit([enc.finish()]);
-            let s = bufs.scalars.read().unwrap();
-            let exact: f64 = g.iter().map(|&x| f64::from(x) * f64::from(x)).sum();
-            assert!((s.sqnorm - exact).abs() <= 1e-5 * exact, "{s:?} vs {exact}");
-            // The rule's step, in f32 on the GPU: 1000 / sqnorm (below the cap of 100).
-            let want = 1000.0 / s.sqnorm;
-            assert!(
-                (s.step - want).abs() <= 4.0 * f64::from(f32::EPSILON) * want,
-                "{s:?}"
-            );
-            assert_eq!(s.verdict, crate::scalars::Verdict::Applied);
-
-            bufs.scalars.write_step(0.25);
-            let mut enc = ctx.device().create_command_encoder(&Default::default());
-            kernels.encode_update(&mut enc, None);
-            ctx.queue().submit([enc.finish()]);
-            let got = bufs.download_params().unwrap();
-            let vel = bufs.download_velocity().unwrap().unwrap();
-            for i in [0, 1, 4 * 65_535 - 1, 4 * 65_535, 4 * 65_535 + 5, n - 1] {
-                let v = -0.25 * g[i];
-                // an f16 velocity is stored rounded; the parameters get it unrounded
-                let stored = match dtype {
-                    VelocityDtype::Full => v,
-                    VelocityDtype::F16 => half::f16::from_f32(v).to_f32(),
-                };
-                assert_eq!(vel[i], stored, "{dtype:?} velocity at {i}");
-                assert_eq!(got[i], p[i] + v, "{dtype:?} params at {i}");
-            }
-            let changed = got.iter().zip(&p).filter(|(a, b)| a != b).count();
-            assert!(
-                changed > n - n / 100,
-                "only {changed} of {n} parameters moved"
-            );
-        }
-    }
-
-    /// Batched kernels against one dispatch per segment, on the same data: the
-    /// squared norm to rounding, the parameters and velocity after an update with one
-    /// step bit for bit, in every precision, with and without momentum, for both
-    /// walks.
-    #[test]
-    fn batched_kernels_give_the_bits_of_one_dispatch_per_segment() {
-        use crate::config::{ParamDtype, VelocityDtype};
-        use crate::conformance::SplitMix64;
-        use crate::context::ContextOptions;
-        use crate::layout::{Layout, TensorSpec};
-        let specs: Vec<TensorSpec> = [37, 3000, 5, 1000, 64, 2, 4097, 513]
-            .iter()
-            .enumerate()
-            .map(|(i, &n)| TensorSpec::new(format!("t{i}"), &[n]))
-            .collect();
-        let n: usize = specs.iter().map(TensorSpec::len).sum();
-        let mut rng = SplitMix64::new(12);
-        let mut random = || (0..n).map(|_| rng.upm1()).collect::<Vec<f64>>();
-        let (p, g, v) = (random(), random(), random());
-        for contiguous in [true, false] {
-            let ctx = GpuContext::with_options(ContextOptions {
-                contiguous_invocations: Some(contiguous),
-                max_workgroups: Some(3),
-                ..Default::default()
-            })
-            .expect("an adapter");
-            for (dtype, velocity, momentum) in [
-                (ParamDtype::F32, VelocityDtype::Full, 0.9),
-                (ParamDtype::F32, VelocityDtype::Full, 0.0),
-                (ParamDtype::F32, VelocityDtype::F16, 0.9),
-                (ParamDtype::F64, VelocityDtype::Full, 0.9),
-            ] {
-                let config = PolyakConfig::default()
-                    .momentum(momentum)
-                    .dtype(dtype)
-                    .velocity_dtype(velocity);
-                let (real, vel) = (dtype.bytes(), config.velocity_bytes());
-                let layout = Layout::new(&specs, 64, 2048).unwrap();
-                let bufs = ParamBuffers::new(&ctx, layout, real, vel, &[], 1, None);
-                assert!(bufs.segments.len() >= 5, "{}", bufs.segments.len());
-                let geometries = Kernels::geometries(&ctx, &bufs);
-                assert!(geometries.iter().any(|g| g.groups > 1));
-                let mut results = Vec::new();
-                for most in [1, 2, 3, 10] {
-                    let k =
-                        Kernels::with_geometries(&ctx, &bufs, &config, geometries.clone(), most);
-                    assert_eq!(k.update.len(), bufs.segments.len().div_ceil(most));
-                    bufs.upload_params_f64(&p).unwrap();
-                    bufs.upload_grads_f64(&g).unwrap();
-                    if momentum > 0.0 {
-                        bufs.upload_velocity_f64(&v).unwrap();
-                    }
-                    bufs.scalars.write_loss(0.5);
-                    let mut enc = ctx.device().create_command_encoder(&Default::default());
-                    k.encode_norm(&mut enc, None);
-                    bufs.scalars.encode_readback(&mut enc, 0);
-                    ctx.queue().submit([enc.finish()]);
-                    let s = bufs.scalars.read().unwrap();
-                    // The norm's partials group differently per batching: the sum
-                    // agrees to rounding. The update, with one step, bit for bit.
-                    let exact: f64 = g.iter().map(|x| x * x).sum();
-                    let tol = if dtype == ParamDtype::F64 {
-                        1e-13
-                    } else {
-                        1e-5
-                    };
-                    assert!((s.sqnorm - exact).abs() <= tol * exact, "{most}: {s:?}");
-                    bufs.scalars.write_step(0.25);
-                    let mut enc = ctx.device().create_command_encoder(&Default::default());
-                    k.encode_update(&mut enc, None);
-                    ctx.queue().submit([enc.finish()]);
-                    let got_v = bufs.download_velocity_f64().unwrap();
-                    results.push((bufs.download_params_f64().unwrap(), got_v));
-                }
-                let what =
-                    format!("{dtype:?} {velocity:?} momentum {momentum}, contiguous {contiguous}");
-                assert!(results[0].0 != p, "{what}: nothing moved");
-                let bits = |r: &(Vec<f64>, Option<Vec<f64>>)| {
-                    r.0.iter()
-                        .chain(r.1.iter().flatten())
-                        .map(|x| x.to_bits())
-                        .collect::<Vec<_>>()
-                };
-                for r in &results[1..] {
-                    assert!(bits(r) == bits(&results[0]), "{what}");
-                }
-            }
-        }
-    }
-}
+mod tests;

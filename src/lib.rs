@@ -20,7 +20,8 @@
 //!   them laid back to back in one pair of buffers form a run, which costs what one
 //!   tensor costs.
 //! - Options beyond jaxopt's: [`StepSizeMode`], `sync_every` (pipelined runs),
-//!   [`NonFinitePolicy`], [`ParamDtype`] (f32 or f64), [`VelocityDtype`] (f16
+//!   [`NonFinitePolicy`] with [`PolyakConfig::check_overflow`] (steps whose update
+//!   would overflow), [`ParamDtype`] (f32 or f64), [`VelocityDtype`] (f16
 //!   velocity), and [`PolyakSgdBuilder::norm_from_objective`] for a gradient kernel
 //!   that computes the norm itself.
 //! - [`reference::CpuPolyakSgd`]: the same algorithm in f64 on the CPU, for tests and

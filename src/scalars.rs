@@ -20,6 +20,9 @@ pub(crate) struct Scalars {
     pub step: f64,
     /// What became of the update of this step.
     pub verdict: Verdict,
+    /// The step sizes for which the update writes only finite values, where the
+    /// optimizer checks that ([`PolyakConfig::check_overflow`]).
+    pub bounds: Option<(f64, f64)>,
     /// Whether they came from f32 storage.
     single: bool,
 }
@@ -36,9 +39,9 @@ pub(crate) enum Verdict {
 }
 
 impl Scalars {
-    /// The first four scalars, stored with `real` bytes each.
-    /// Allocates nothing: this runs every step.
-    fn from_bytes(bytes: &[u8], real: u64) -> Self {
+    /// The first four scalars (six with the bounds), stored with `real` bytes
+    /// each. Allocates nothing: this runs every step.
+    fn from_bytes(bytes: &[u8], real: u64, bounds: bool) -> Self {
         let r = real as usize;
         let v = |i: usize| -> f64 {
             let b = &bytes[i * r..(i + 1) * r];
@@ -57,8 +60,16 @@ impl Scalars {
                 1.0 => Verdict::Refused,
                 _ => Verdict::Skipped,
             },
+            bounds: bounds.then(|| (v(4), v(5))),
             single: real == 4,
         }
+    }
+
+    /// Whether the update with `step` writes only finite values (always, where the
+    /// optimizer does not check).
+    pub fn allows(&self, step: f64) -> bool {
+        self.bounds
+            .is_none_or(|(lowest, highest)| lowest <= step && step <= highest)
     }
 
     /// jaxopt's `error`: the square root of the squared norm, in its precision.
@@ -72,8 +83,13 @@ impl Scalars {
 }
 
 /// Scalars in the slot (see `norm_final.wgsl`): loss, squared norm, step, verdict,
-/// halted, halts, stop threshold, momentum, max_stepsize, delta, fun_min, spare.
-pub(crate) const SCALARS: u64 = 12;
+/// the lowest and highest safe step, halted, halts, stop threshold, momentum,
+/// max_stepsize, delta, fun_min, spare.
+pub(crate) const SCALARS: u64 = 14;
+/// Index of the first of the scalars `write_halt` writes (halted, halts, threshold).
+const HALTED: u64 = 6;
+/// Index of the first of the options (momentum, max_stepsize, delta, fun_min).
+const OPTIONS: u64 = 9;
 
 /// The slot on the GPU and its MAP_READ readback buffer.
 #[derive(Debug)]
@@ -86,16 +102,20 @@ pub(crate) struct ScalarSlot {
     /// stale), then, for the GPU's step-size rule, the host's loss where the
     /// objective computed it there.
     loss_in: wgpu::Buffer,
-    /// Copies of the first four scalars, one slot per step of a pipelined run.
+    /// Copies of the first four scalars (six with the bounds), one slot per step
+    /// of a pipelined run.
     staging: wgpu::Buffer,
     map_result: Arc<Mutex<Option<bool>>>,
     /// Bytes per scalar: 4 (f32 parameters) or 8 (f64).
     real: u64,
+    /// Whether the readback carries the bounds of the overflow check.
+    bounds: bool,
 }
 
 impl ScalarSlot {
-    /// A zeroed slot of reals of `real` bytes with `readback_slots` readback copies.
-    pub(crate) fn new(ctx: &GpuContext, real: u64, readback_slots: usize) -> Self {
+    /// A zeroed slot of reals of `real` bytes with `readback_slots` readback copies,
+    /// of the bounds of the overflow check too if `bounds`.
+    pub(crate) fn new(ctx: &GpuContext, real: u64, readback_slots: usize, bounds: bool) -> Self {
         let device = ctx.device();
         let buffer = device.create_buffer(&wgpu::BufferDescriptor {
             label: Some("polyak scalars"),
@@ -113,7 +133,7 @@ impl ScalarSlot {
         });
         let staging = device.create_buffer(&wgpu::BufferDescriptor {
             label: Some("polyak scalars readback"),
-            size: 4 * real * readback_slots.max(1) as u64,
+            size: if bounds { 6 } else { 4 } * real * readback_slots.max(1) as u64,
             usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
             mapped_at_creation: false,
         });
@@ -124,6 +144,7 @@ impl ScalarSlot {
             staging,
             map_result: Arc::new(Mutex::new(None)),
             real,
+            bounds,
         };
         slot.write(&slot.loss_in, 0, &[f64::NAN]);
         slot
@@ -143,13 +164,20 @@ impl ScalarSlot {
         }
     }
 
-    /// Bytes of one readback slot: loss, squared norm, step and verdict.
-    fn slot_bytes(&self) -> u64 {
-        4 * self.real
+    /// Scalars copied per step: loss, squared norm, step, verdict, and the bounds
+    /// where the optimizer checks them.
+    fn reals_read(&self) -> u64 {
+        if self.bounds { 6 } else { 4 }
     }
 
-    /// Records the copy of loss, squared norm, step and verdict into readback slot
-    /// `slot`.
+    /// Bytes of one readback slot: loss, squared norm, step and verdict, and the
+    /// bounds where the optimizer checks them.
+    fn slot_bytes(&self) -> u64 {
+        self.reals_read() * self.real
+    }
+
+    /// Records the copy of loss, squared norm, step and verdict (and the bounds)
+    /// into readback slot `slot`.
     pub(crate) fn encode_readback(&self, encoder: &mut wgpu::CommandEncoder, slot: usize) {
         let size = self.slot_bytes();
         encoder.copy_buffer_to_buffer(&self.buffer, 0, &self.staging, size * slot as u64, size);
@@ -158,7 +186,7 @@ impl ScalarSlot {
     /// Waits for the submitted readback copy of slot 0. Allocates nothing of its own.
     pub(crate) fn read(&self) -> Result<Scalars> {
         read_mapped(&self.ctx, &self.staging, &self.map_result, |bytes| {
-            Scalars::from_bytes(bytes, self.real)
+            Scalars::from_bytes(bytes, self.real, self.bounds)
         })
     }
 
@@ -172,7 +200,7 @@ impl ScalarSlot {
                 bytes
                     .chunks_exact(size)
                     .take(count)
-                    .map(|b| Scalars::from_bytes(b, self.real)),
+                    .map(|b| Scalars::from_bytes(b, self.real, self.bounds)),
             );
         })
     }
@@ -205,14 +233,14 @@ impl ScalarSlot {
             config.delta,
             config.fun_min,
         ];
-        self.write(&self.buffer, 7, &options);
+        self.write(&self.buffer, OPTIONS, &options);
     }
 
     /// Queues what halts a pipelined run for the next submissions: `halts` = 0.0
     /// (nothing), 1.0 (a refusal) or 2.0 (a refusal or `sqnorm <= threshold`), with the
     /// halted flag cleared.
     pub(crate) fn write_halt(&self, halts: f64, threshold: f64) {
-        self.write(&self.buffer, 4, &[0.0, halts, threshold]);
+        self.write(&self.buffer, HALTED, &[0.0, halts, threshold]);
     }
 
     /// Records a clear of the refusal flag, so the next update runs whatever the

@@ -128,6 +128,14 @@ impl PolyakSgdBuilder {
                          thousand is plenty) that fit one binding",
             });
         }
+        if config.check_overflow && norm_partials.is_some() {
+            return Err(Error::InvalidOption {
+                option: "check_overflow",
+                value: "true".into(),
+                reason: "reads the parameters in the optimizer's own norm pass: not with \
+                         norm_from_objective",
+            });
+        }
         let limits = ctx.limits();
         for e in &external {
             e.validate(real)?;
@@ -165,10 +173,8 @@ impl PolyakSgdBuilder {
         let buffers = ParamBuffers::new(
             &ctx,
             layout,
-            real,
-            config.velocity_bytes(),
+            &config,
             &external,
-            config.sync_every,
             norm_partials.map(|n| n as u32),
         );
         let kernels = Kernels::new(&ctx, &buffers, &config);
@@ -557,8 +563,9 @@ impl PolyakSgd {
         next
     }
 
-    /// What a step that was not applied gives: [`Error::NonFinite`] under `Refuse`,
-    /// the skipped state under `Skip`.
+    /// What a step that was not applied gives: [`Error::NonFinite`] (or
+    /// [`Error::NonFiniteUpdate`] where only the overflow check refused it) under
+    /// `Refuse`, the skipped state under `Skip`.
     pub(crate) fn refusal<A>(
         &self,
         state: &State<A>,
@@ -572,12 +579,23 @@ impl PolyakSgd {
             self.log(&next, " skipped:");
             return Ok(next);
         }
-        Err(Error::NonFinite {
-            iter_num: state.iter_num,
-            value,
-            sqnorm: scalars.sqnorm,
-            stepsize,
-        })
+        let finite = value.is_finite() && scalars.sqnorm.is_finite() && stepsize.is_finite();
+        match scalars.bounds {
+            Some((lowest, highest)) if finite && !scalars.allows(stepsize) => {
+                Err(Error::NonFiniteUpdate {
+                    iter_num: state.iter_num,
+                    stepsize,
+                    lowest,
+                    highest,
+                })
+            }
+            _ => Err(Error::NonFinite {
+                iter_num: state.iter_num,
+                value,
+                sqnorm: scalars.sqnorm,
+                stepsize,
+            }),
+        }
     }
 
     /// jaxopt's `verbose`: one line per step.
@@ -628,7 +646,8 @@ impl PolyakSgd {
             scalars.verdict != Verdict::Applied
         } else {
             let finite = value.is_finite() && sqnorm.is_finite() && stepsize.is_finite();
-            !finite && self.config.nonfinite != NonFinitePolicy::Propagate
+            let safe = finite && scalars.allows(stepsize);
+            !safe && self.config.nonfinite != NonFinitePolicy::Propagate
         };
         if refused {
             return self.refusal(state, value, stepsize, &scalars, aux);

@@ -1,7 +1,7 @@
 //! Random configurations against f64 arithmetic: layouts of odd lengths, single
 //! elements and scalars over small segments, user-owned tensors, f32 or f64
-//! parameters, f16 velocity, momentum or none, both variants, both step-size modes
-//! and deferred updates; every step checked on its own, and a checkpoint taken
+//! parameters, f16 velocity, momentum or none, both variants, both step-size modes,
+//! deferred updates and the overflow check; every step checked on its own, and a checkpoint taken
 //! midway resumed bit for bit in a fresh optimizer.
 
 mod common;
@@ -63,12 +63,15 @@ fn draw(rng: &mut SplitMix64) -> Drawn {
         .fun_min(-1.0)
         .max_stepsize([1e6, 0.05][pick(2)])
         .delta([0.0, 0.1][pick(2)]);
+    let segment = [64, 256, 1 << 20][pick(3)];
+    // The overflow check never refuses these finite steps; it must change nothing.
+    let cfg = cfg.check_overflow(pick(2) == 0);
     Drawn {
         specs,
         external,
         arena,
         cfg,
-        segment: [64, 256, 1 << 20][pick(3)],
+        segment,
     }
 }
 

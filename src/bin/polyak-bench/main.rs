@@ -34,6 +34,9 @@ options:
   --norm-from-objective on|off
                       the objective writes the squared-norm partials (20 / 12 bytes
                       per parameter instead of 24 / 16; default off)
+  --check-overflow on|off
+                      refuse steps whose update would overflow (the norm pass also
+                      reads p and v: 32 / 20 bytes per parameter; default off)
   --tensors K         split each size into K tensors (default 1)
   --tensors-in W      owned | arena | separate: the optimizer's own buffers (default),
                       user buffers with the tensors back to back (one run), or a pair
@@ -61,6 +64,7 @@ struct Args {
     stepsize: StepSizeMode,
     sync_every: usize,
     norm_from_objective: bool,
+    check_overflow: bool,
     velocity: VelocityDtype,
     dtype: ParamDtype,
     tensors: usize,
@@ -90,6 +94,7 @@ fn parse_args() -> std::result::Result<Args, String> {
         stepsize: StepSizeMode::Host,
         sync_every: 1,
         norm_from_objective: false,
+        check_overflow: false,
         velocity: VelocityDtype::Full,
         dtype: ParamDtype::F32,
         tensors: 1,
@@ -138,6 +143,7 @@ fn parse_args() -> std::result::Result<Args, String> {
             }
             "--sync-every" => a.sync_every = parse_count(&value)?,
             "--norm-from-objective" => a.norm_from_objective = value == "on",
+            "--check-overflow" => a.check_overflow = value == "on",
             "--dtype" => {
                 a.dtype = match value.as_str() {
                     "f32" => ParamDtype::F32,
@@ -473,6 +479,7 @@ fn run(args: &Args) -> Result<()> {
             "pipelined_sync_every": PIPELINE,
             "sync_every": args.sync_every,
             "norm_from_objective": args.norm_from_objective,
+            "check_overflow": args.check_overflow,
             "velocity_dtype": format!("{:?}", args.velocity),
             "dtype": format!("{:?}", args.dtype),
             "tensors": args.tensors,
@@ -513,8 +520,8 @@ fn mom(r: &Value) -> &'static str {
 }
 
 /// The optimizer's own traffic per parameter and step: the norm reads g (not when
-/// the objective computes the norm), the update reads p and g and writes p, and
-/// reads and writes v.
+/// the objective computes the norm; and p and v too with the overflow check), the
+/// update reads p and g and writes p, and reads and writes v.
 fn bytes_per_param(args: &Args, momentum: bool) -> usize {
     let real = args.dtype.bytes() as usize;
     let velocity = if momentum {
@@ -522,7 +529,11 @@ fn bytes_per_param(args: &Args, momentum: bool) -> usize {
     } else {
         0
     };
-    let norm = if args.norm_from_objective { 0 } else { real };
+    let norm = match (args.norm_from_objective, args.check_overflow) {
+        (true, _) => 0,
+        (false, false) => real,
+        (false, true) => 2 * real + velocity,
+    };
     norm + 3 * real + 2 * velocity
 }
 
@@ -597,7 +608,8 @@ fn measure(ctx: &GpuContext, args: &Args, n: usize, momentum: bool, copy_gbps: f
     let gpu = (|| -> Result<Value> {
         let cfg = config(momentum, args.stepsize, args.sync_every)
             .velocity_dtype(args.velocity)
-            .dtype(args.dtype);
+            .dtype(args.dtype)
+            .check_overflow(args.check_overflow);
         let mut builder = tensors(ctx, PolyakSgd::builder(ctx, cfg), args, n);
         let mut partials = None;
         if args.norm_from_objective {

@@ -160,7 +160,11 @@ pub const MAX_SYNC_EVERY: usize = 65_536;
 /// assert!(config.validate().is_ok());
 /// assert!(PolyakConfig::default().momentum(1.0).validate().is_err());
 /// ```
+///
+/// Build it from `default()` with the setters (or assign its fields): new options
+/// may come in later versions, so it cannot be written as a struct literal.
 #[derive(Debug, Clone, PartialEq)]
+#[non_exhaustive]
 pub struct PolyakConfig {
     /// Upper bound on the step size (SPS_max only). Default 1.0.
     pub max_stepsize: f64,

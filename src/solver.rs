@@ -16,6 +16,7 @@ use crate::stepsize::polyak_stepsize;
 
 /// What a `pre_update` hook sees: the parameters on the GPU and the state so far.
 #[derive(Debug)]
+#[non_exhaustive]
 pub struct PreUpdate<'a> {
     /// The device context, for dispatching the hook's own kernels.
     pub context: &'a GpuContext,
@@ -33,6 +34,7 @@ pub struct PreUpdate<'a> {
 
 /// Median device times of the phases of a step ([`PolyakSgd::time_phases`]).
 #[derive(Debug, Clone, Copy, PartialEq)]
+#[non_exhaustive]
 pub struct PhaseTimes {
     /// Both norm passes (only the final sum when the objective computes the norm), in
     /// milliseconds.

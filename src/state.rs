@@ -7,7 +7,11 @@ use crate::stepsize::Precision;
 /// As in jaxopt, `value` and `error` describe the point the last update started
 /// from, not the parameters it produced. The velocity stays on the GPU
 /// ([`crate::PolyakSgd::download_velocity`]).
+///
+/// Made by the optimizer ([`State::initial`] for a run of your own); new fields
+/// may come in later versions.
 #[derive(Debug, Clone, PartialEq)]
+#[non_exhaustive]
 pub struct State<A = ()> {
     /// Number of updates done.
     pub iter_num: usize,

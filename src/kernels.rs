@@ -7,7 +7,8 @@ use wgpu::util::DeviceExt;
 
 mod batch;
 
-use batch::{BATCH, BatchGeometry, MAX_BATCH, batches, clash, expand};
+pub(crate) use batch::BatchLimits;
+use batch::{BATCH, BatchGeometry, batches, clash, expand};
 pub(crate) use batch::{Geometry, grid};
 
 /// Invocations per workgroup in every kernel (`WG` in the shaders).
@@ -42,6 +43,15 @@ impl RuleUniform {
     }
 }
 
+/// Which kernel a pipeline of [`Kernels`] runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Pass {
+    /// The first norm pass (`norm_partials.wgsl`, or `norm_guard.wgsl`).
+    Norm,
+    /// The update (`update.wgsl`).
+    Update,
+}
+
 /// One recorded dispatch: which of [`Kernels`]' pipelines, its bind group, its grid.
 #[derive(Debug)]
 struct Dispatch {
@@ -53,10 +63,10 @@ struct Dispatch {
 /// Everything the norm and the update need, built once.
 #[derive(Debug)]
 pub(crate) struct Kernels {
-    /// The norm and update pipelines the dispatches use, for each batch size.
+    /// The norm and update pipelines the dispatches use.
     pipelines: Vec<wgpu::ComputePipeline>,
-    /// (batch size, its norm pipeline, its update pipeline) of each size compiled.
-    compiled: Vec<(usize, usize, usize)>,
+    /// (kernel, batch size, index in `pipelines`) of each pipeline compiled.
+    compiled: Vec<(Pass, usize, usize)>,
     final_pipeline: wgpu::ComputePipeline,
     /// The first norm pass: one dispatch per segment or batch of small segments
     /// (none when the objective computes the norm).
@@ -214,7 +224,8 @@ impl Kernels {
     /// to `bufs`.
     pub fn new(ctx: &GpuContext, bufs: &ParamBuffers, config: &PolyakConfig) -> Self {
         let geometries = Self::geometries(ctx, bufs);
-        Self::with_geometries(ctx, bufs, config, geometries, Self::batch_limit(ctx))
+        let limits = BatchLimits::of(ctx, config.check_overflow);
+        Self::with_geometries(ctx, bufs, config, geometries, limits)
     }
 
     /// The geometry of each segment alone.
@@ -226,13 +237,13 @@ impl Kernels {
     }
 
     /// As [`Kernels::new`] with the dispatch geometry of each segment given, and at
-    /// most `most` small segments per dispatch.
+    /// most `limits` small segments per dispatch.
     fn with_geometries(
         ctx: &GpuContext,
         bufs: &ParamBuffers,
         config: &PolyakConfig,
         geometries: Vec<Geometry>,
-        most: usize,
+        limits: BatchLimits,
     ) -> Self {
         let source = |text: &str| with_prelude(text, bufs.real_bytes(), config.velocity_bytes());
         let final_mod = module(
@@ -244,16 +255,20 @@ impl Kernels {
         bufs.scalars.write_options(config);
 
         let lens: Vec<usize> = bufs.segments.iter().map(|s| s.len).collect();
-        let segments = &bufs.segments;
+        // The norm pass binds every vector read-only: any small segments may share
+        // its dispatches. None when the objective computes the norm.
         let mut ours = 0; // norm partials: one per workgroup of every batch
-        let batched: Vec<_> = batches(&lens, most, |i, j| clash(&segments[i], &segments[j]))
-            .into_iter()
-            .map(|batch| {
-                let geometry = BatchGeometry::new(&geometries[batch.clone()], ours);
-                ours += geometry.groups;
-                (batch, geometry)
-            })
-            .collect();
+        let norm_batches: Vec<_> = match bufs.objective_norm {
+            Some(_) => Vec::new(),
+            None => batches(&lens, limits.norm, |_, _| false)
+                .into_iter()
+                .map(|batch| {
+                    let geometry = BatchGeometry::new(&geometries[batch.clone()], ours);
+                    ours += geometry.groups;
+                    (batch, geometry)
+                })
+                .collect(),
+        };
         // The final pass sums our per-workgroup partials, or the objective's own,
         // and with the overflow check intersects our two bounds per workgroup.
         let scratch = |label, reals: u64| {
@@ -306,40 +321,47 @@ impl Kernels {
             partials_bytes: partials.size() + bounds.size(),
             uniform_bytes: rule.size(),
         };
-        for (batch, geometry) in batched {
+        for (batch, geometry) in norm_batches {
             let segs = &bufs.segments[batch];
-            let (norm_pipeline, update_pipeline) =
-                kernels.pipelines_for(ctx, bufs, config, segs.len());
-            let (geo, grid) = (geometry.uniform(ctx), geometry.grid());
+            let pipeline = kernels.pipeline_for(ctx, bufs, config, Pass::Norm, segs.len());
+            let geo = geometry.uniform(ctx);
             kernels.uniform_bytes += geo.size();
-            if bufs.objective_norm.is_none() {
-                // norm_partials.wgsl: partials 0, geometry 1, each gradient from 2;
-                // norm_guard.wgsl: bounds 2, then params, gradient and velocity of
-                // each segment from 3.
-                let mut entries = vec![
-                    (0, partials.as_entire_binding()),
-                    (1, geo.as_entire_binding()),
-                ];
-                if config.check_overflow {
-                    entries.push((2, bounds.as_entire_binding()));
-                    for (k, s) in (3..).step_by(3).zip(segs) {
-                        entries.push((k, resource(&s.params, s.len)));
-                        entries.push((k + 1, resource(&s.grads, s.len)));
-                        if let Some(v) = &s.velocity {
-                            entries.push((k + 2, resource(v, s.len)));
-                        }
-                    }
-                } else {
-                    for (k, s) in (2..).zip(segs) {
-                        entries.push((k, resource(&s.grads, s.len)));
+            // norm_partials.wgsl: partials 0, geometry 1, each gradient from 2;
+            // norm_guard.wgsl: bounds 2, then params, gradient and velocity of each
+            // segment from 3.
+            let mut entries = vec![
+                (0, partials.as_entire_binding()),
+                (1, geo.as_entire_binding()),
+            ];
+            if config.check_overflow {
+                entries.push((2, bounds.as_entire_binding()));
+                for (k, s) in (3..).step_by(3).zip(segs) {
+                    entries.push((k, resource(&s.params, s.len)));
+                    entries.push((k + 1, resource(&s.grads, s.len)));
+                    if let Some(v) = &s.velocity {
+                        entries.push((k + 2, resource(v, s.len)));
                     }
                 }
-                kernels.norm.push(Dispatch {
-                    group: bind_group(ctx, &kernels.pipelines[norm_pipeline], &entries),
-                    pipeline: norm_pipeline,
-                    grid,
-                });
+            } else {
+                for (k, s) in (2..).zip(segs) {
+                    entries.push((k, resource(&s.grads, s.len)));
+                }
             }
+            kernels.norm.push(Dispatch {
+                group: bind_group(ctx, &kernels.pipelines[pipeline], &entries),
+                pipeline,
+                grid: geometry.grid(),
+            });
+        }
+        let segments = &bufs.segments;
+        for batch in batches(&lens, limits.update, |i, j| {
+            clash(&segments[i], &segments[j])
+        }) {
+            let geometry = BatchGeometry::new(&geometries[batch.clone()], 0);
+            let segs = &segments[batch];
+            let pipeline = kernels.pipeline_for(ctx, bufs, config, Pass::Update, segs.len());
+            let geo = geometry.uniform(ctx);
+            kernels.uniform_bytes += geo.size();
             // update.wgsl: scalars 0, geometry 1, then params, gradient and velocity
             // of each segment from 2.
             let mut entries = vec![
@@ -354,81 +376,72 @@ impl Kernels {
                 }
             }
             kernels.update.push(Dispatch {
-                group: bind_group(ctx, &kernels.pipelines[update_pipeline], &entries),
-                pipeline: update_pipeline,
-                grid,
+                group: bind_group(ctx, &kernels.pipelines[pipeline], &entries),
+                pipeline,
+                grid: geometry.grid(),
             });
         }
         kernels
     }
 
-    /// The indices of the norm and update pipelines for batches of `m` segments,
-    /// compiled the first time they are asked for.
-    fn pipelines_for(
+    /// The index of `pass`'s pipeline for batches of `m` segments, compiled the
+    /// first time it is asked for.
+    fn pipeline_for(
         &mut self,
         ctx: &GpuContext,
         bufs: &ParamBuffers,
         config: &PolyakConfig,
+        pass: Pass,
         m: usize,
-    ) -> (usize, usize) {
-        if let Some(&(_, n, u)) = self.compiled.iter().find(|c| c.0 == m) {
-            return (n, u);
+    ) -> usize {
+        if let Some(&(.., i)) = self.compiled.iter().find(|c| (c.0, c.1) == (pass, m)) {
+            return i;
         }
         // The precision prelude, then batch.wgsl, then the kernel, written out for m.
         let source = |text: &str, subst: &dyn Fn(usize) -> Vec<(&'static str, usize)>| {
             let text = expand(&(BATCH.to_string() + text), m, subst);
             with_prelude(&text, bufs.real_bytes(), config.velocity_bytes())
         };
-        let norm = if config.check_overflow {
-            source(include_str!("../shaders/norm_guard.wgsl"), &|k| {
-                vec![
-                    ("$K", k),
-                    ("$BP", 3 + 3 * k),
-                    ("$BG", 4 + 3 * k),
-                    ("$BV", 5 + 3 * k),
-                ]
-            })
-        } else {
-            source(include_str!("../shaders/norm_partials.wgsl"), &|k| {
-                vec![("$K", k), ("$BG", 2 + k)]
-            })
-        };
-        let update = source(include_str!("../shaders/update.wgsl"), &|k| {
-            vec![
-                ("$K", k),
-                ("$BP", 2 + 3 * k),
-                ("$BG", 3 + 3 * k),
-                ("$BV", 4 + 3 * k),
-            ]
-        });
         let entry = if bufs.has_velocity() {
             "momentum"
         } else {
             "plain"
         };
         let constants = ctx.kernel_constants();
-        let norm = module(ctx, "norm_partials", norm);
-        let update = module(ctx, "update", update);
-        let norm_pipeline = if config.check_overflow {
-            let with_momentum = [constants[0], ("MOMENTUM", config.momentum)];
-            pipeline(ctx, &norm, entry, &with_momentum)
-        } else {
-            pipeline(ctx, &norm, "main", &constants)
+        let compiled = match pass {
+            Pass::Update => {
+                let text = source(include_str!("../shaders/update.wgsl"), &|k| {
+                    vec![
+                        ("$K", k),
+                        ("$BP", 2 + 3 * k),
+                        ("$BG", 3 + 3 * k),
+                        ("$BV", 4 + 3 * k),
+                    ]
+                });
+                pipeline(ctx, &module(ctx, "update", text), entry, &constants)
+            }
+            Pass::Norm if config.check_overflow => {
+                let text = source(include_str!("../shaders/norm_guard.wgsl"), &|k| {
+                    vec![
+                        ("$K", k),
+                        ("$BP", 3 + 3 * k),
+                        ("$BG", 4 + 3 * k),
+                        ("$BV", 5 + 3 * k),
+                    ]
+                });
+                let with_momentum = [constants[0], ("MOMENTUM", config.momentum)];
+                pipeline(ctx, &module(ctx, "norm_guard", text), entry, &with_momentum)
+            }
+            Pass::Norm => {
+                let text = source(include_str!("../shaders/norm_partials.wgsl"), &|k| {
+                    vec![("$K", k), ("$BG", 2 + k)]
+                });
+                pipeline(ctx, &module(ctx, "norm_partials", text), "main", &constants)
+            }
         };
-        self.pipelines.push(norm_pipeline);
-        self.pipelines
-            .push(pipeline(ctx, &update, entry, &constants));
-        let (n, u) = (self.pipelines.len() - 2, self.pipelines.len() - 1);
-        self.compiled.push((m, n, u));
-        (n, u)
-    }
-
-    /// Most small segments one dispatch takes: three storage bindings each in the
-    /// update, beside the scalars slot and the batch's uniform (Metal counts every
-    /// buffer of a stage against one limit, which wgpu reports as the storage one).
-    pub fn batch_limit(ctx: &GpuContext) -> usize {
-        let bindings = ctx.limits().max_storage_buffers_per_shader_stage as usize;
-        (bindings.saturating_sub(2) / 3).clamp(1, MAX_BATCH)
+        self.pipelines.push(compiled);
+        self.compiled.push((pass, m, self.pipelines.len() - 1));
+        self.pipelines.len() - 1
     }
 
     /// Bytes of device memory the kernels use besides the vectors: the norm partials

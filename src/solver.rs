@@ -328,8 +328,9 @@ impl PolyakSgd {
     }
 
     /// Compute dispatches the optimizer records per step (its own, not the
-    /// objective's): two per segment plus one (one per segment plus one when the
-    /// objective computes the norm), whatever the number of tensors.
+    /// objective's): a norm and an update per segment or batch of small segments
+    /// (the norm's batches hold more of them), plus the final sum; no norm when the
+    /// objective computes it. It does not grow with the number of tensors.
     pub fn dispatches_per_step(&self) -> usize {
         self.kernels.dispatches_per_step()
     }

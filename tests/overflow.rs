@@ -194,7 +194,9 @@ fn pipelined_runs_stop_or_skip_at_the_step_that_would_overflow() {
 #[test]
 fn many_segments_run_as_without_the_check() {
     // A model over many small segments (batched dispatches), momentum, both rules:
-    // ten steps with the check give the bits of ten steps without it.
+    // ten steps with the check are the ten steps without it. (Its norm pass binds
+    // three buffers per segment, so it batches fewer segments per dispatch than the
+    // plain one: the squared norm may differ in its last bits, not more.)
     let ctx = ctx_with_segments(64);
     let specs: Vec<TensorSpec> = (0..23)
         .map(|i| TensorSpec::new(format!("t{i}"), &[1 + 13 * i]))
@@ -219,11 +221,26 @@ fn many_segments_run_as_without_the_check() {
                     })
                     .unwrap();
             }
-            (state, bits(&opt))
+            (state, opt.download_params().unwrap())
         };
-        let (with, without) = (run(true), run(false));
-        assert_eq!(with.0.iter_num, 10, "{mode:?}");
-        assert_eq!(with, without, "{mode:?}");
+        let ((with, p), (without, q)) = (run(true), run(false));
+        assert_eq!((with.iter_num, with.num_skipped), (10, 0), "{mode:?}");
+        let close = |a: f64, b: f64| (a - b).abs() <= 1e-5 * b.abs();
+        assert!(
+            close(with.stepsize, without.stepsize),
+            "{mode:?}: {with:?} {without:?}"
+        );
+        assert!(
+            close(with.error, without.error),
+            "{mode:?}: {with:?} {without:?}"
+        );
+        for (i, (a, b)) in p.iter().zip(&q).enumerate() {
+            assert!(
+                (a - b).abs() <= 1e-5 * (b.abs() + 1.0),
+                "{mode:?}: p[{i}] {a} vs {b}"
+            );
+        }
+        assert!(p != p0, "{mode:?}: nothing moved");
     }
 }
 

@@ -15,14 +15,54 @@ pub(super) const MAX_DIM: u32 = 65_535;
 const MAX_ITERATIONS: u32 = 4096;
 
 /// Segments of at most this many elements share dispatches, up to
-/// [`super::Kernels::batch_limit`] of them: a model of many small tensors in separate user
+/// [`BatchLimits`] of them: a model of many small tensors in separate user
 /// buffers would otherwise pay a dispatch's fixed cost twice per tensor. Larger
 /// segments get dispatches of their own.
 pub(super) const SMALL_SEGMENT: usize = 1 << 20;
 
-/// Most segments in one batch (the storage bindings of a stage allow fewer on some
-/// devices: three per segment in the update).
-pub(super) const MAX_BATCH: usize = 10;
+/// Most segments in one batch of the update (the storage bindings of a stage allow
+/// fewer on some devices: three per segment).
+const MAX_BATCH: usize = 10;
+/// Most segments in one batch of the norm pass, which binds one buffer per segment.
+const MAX_NORM_BATCH: usize = 30;
+
+/// Most small segments one dispatch of each kernel takes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct BatchLimits {
+    /// The first norm pass: one storage binding per segment (three with the
+    /// overflow check).
+    pub norm: usize,
+    /// The update: three storage bindings per segment.
+    pub update: usize,
+}
+
+impl BatchLimits {
+    /// What the device's storage bindings per stage allow. Each kernel also binds
+    /// one or two scratch buffers and the batch's uniform, which counts too (Metal
+    /// counts every buffer of a stage against one limit, which wgpu reports as the
+    /// storage one).
+    pub fn of(ctx: &GpuContext, check_overflow: bool) -> Self {
+        let bindings = ctx.limits().max_storage_buffers_per_shader_stage as usize;
+        let norm = if check_overflow {
+            bindings.saturating_sub(3) / 3 // partials, bounds, batch; p, g, v each
+        } else {
+            bindings.saturating_sub(2) // partials, batch; g each
+        };
+        BatchLimits {
+            norm: norm.clamp(1, MAX_NORM_BATCH),
+            update: (bindings.saturating_sub(2) / 3).clamp(1, MAX_BATCH),
+        }
+    }
+
+    /// At most `most` segments per dispatch in both kernels (tests).
+    #[cfg(test)]
+    pub fn both(most: usize) -> Self {
+        BatchLimits {
+            norm: most,
+            update: most,
+        }
+    }
+}
 
 /// What the norm and update kernels share (`Geometry`, the batch, the walk).
 pub(super) const BATCH: &str = include_str!("../../shaders/batch.wgsl");
@@ -109,9 +149,10 @@ pub(super) fn batches(
     out
 }
 
-/// Whether segments `a` and `b` cannot share a dispatch: one's parameters (bound
-/// writable) in the buffer of the other's gradient (bound read-only), which wgpu
-/// refuses within one dispatch, as user tensors may have it.
+/// Whether segments `a` and `b` cannot share an update's dispatch: one's parameters
+/// (bound writable) in the buffer of the other's gradient (bound read-only), which
+/// wgpu refuses within one dispatch, as user tensors may have it. (The norm pass
+/// binds them all read-only: any segments may share its dispatches.)
 pub(super) fn clash(a: &Segment, b: &Segment) -> bool {
     a.params.buffer == b.grads.buffer || a.grads.buffer == b.params.buffer
 }

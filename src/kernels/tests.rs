@@ -29,7 +29,8 @@ fn two_dimensional_dispatch_norm_and_update() {
             pad: 0,
         };
         assert_eq!(geo.dispatch(), (MAX_DIM, 2));
-        let kernels = Kernels::with_geometries(&ctx, &bufs, &config, vec![geo], 1);
+        let kernels =
+            Kernels::with_geometries(&ctx, &bufs, &config, vec![geo], BatchLimits::both(1));
         let mut rng = SplitMix64::new(11);
         let g: Vec<f32> = (0..n).map(|_| rng.upm1() as f32).collect();
         let p: Vec<f32> = (0..n).map(|_| rng.upm1() as f32).collect();
@@ -102,25 +103,31 @@ fn batched_kernels_give_the_bits_of_one_dispatch_per_segment() {
             ..Default::default()
         })
         .expect("an adapter");
-        for (dtype, velocity, momentum) in [
-            (ParamDtype::F32, VelocityDtype::Full, 0.9),
-            (ParamDtype::F32, VelocityDtype::Full, 0.0),
-            (ParamDtype::F32, VelocityDtype::F16, 0.9),
-            (ParamDtype::F64, VelocityDtype::Full, 0.9),
+        for (dtype, velocity, momentum, check) in [
+            (ParamDtype::F32, VelocityDtype::Full, 0.9, false),
+            (ParamDtype::F32, VelocityDtype::Full, 0.0, false),
+            (ParamDtype::F32, VelocityDtype::F16, 0.9, false),
+            (ParamDtype::F64, VelocityDtype::Full, 0.9, false),
+            (ParamDtype::F32, VelocityDtype::Full, 0.9, true),
         ] {
             let config = PolyakConfig::default()
                 .momentum(momentum)
                 .dtype(dtype)
-                .velocity_dtype(velocity);
+                .velocity_dtype(velocity)
+                .check_overflow(check);
             let layout = Layout::new(&specs, 64, 2048).unwrap();
             let bufs = ParamBuffers::new(&ctx, layout, &config, &[], None);
             assert!(bufs.segments.len() >= 5, "{}", bufs.segments.len());
             let geometries = Kernels::geometries(&ctx, &bufs);
             assert!(geometries.iter().any(|g| g.groups > 1));
             let mut results = Vec::new();
-            for most in [1, 2, 3, 10] {
-                let k = Kernels::with_geometries(&ctx, &bufs, &config, geometries.clone(), most);
-                assert_eq!(k.update.len(), bufs.segments.len().div_ceil(most));
+            // The norm may batch more segments than the update, or fewer.
+            for (norm, update) in [(1, 1), (2, 2), (3, 10), (30, 3)] {
+                let limits = BatchLimits { norm, update };
+                let k = Kernels::with_geometries(&ctx, &bufs, &config, geometries.clone(), limits);
+                let segments = bufs.segments.len();
+                assert_eq!(k.norm.len(), segments.div_ceil(norm));
+                assert_eq!(k.update.len(), segments.div_ceil(update));
                 bufs.upload_params_f64(&p).unwrap();
                 bufs.upload_grads_f64(&g).unwrap();
                 if momentum > 0.0 {
@@ -140,7 +147,7 @@ fn batched_kernels_give_the_bits_of_one_dispatch_per_segment() {
                 } else {
                     1e-5
                 };
-                assert!((s.sqnorm - exact).abs() <= tol * exact, "{most}: {s:?}");
+                assert!((s.sqnorm - exact).abs() <= tol * exact, "{limits:?}: {s:?}");
                 bufs.scalars.write_step(0.25);
                 let mut enc = ctx.device().create_command_encoder(&Default::default());
                 k.encode_update(&mut enc, None);
@@ -148,8 +155,9 @@ fn batched_kernels_give_the_bits_of_one_dispatch_per_segment() {
                 let got_v = bufs.download_velocity_f64().unwrap();
                 results.push((bufs.download_params_f64().unwrap(), got_v));
             }
-            let what =
-                format!("{dtype:?} {velocity:?} momentum {momentum}, contiguous {contiguous}");
+            let what = format!(
+                "{dtype:?} {velocity:?} momentum {momentum} check {check}, contiguous {contiguous}"
+            );
             assert!(results[0].0 != p, "{what}: nothing moved");
             let bits = |r: &(Vec<f64>, Option<Vec<f64>>)| {
                 r.0.iter()
@@ -268,7 +276,8 @@ fn overflow_bounds_match_f64_and_leave_the_norm_alone() {
             let layout = Layout::new(&specs, 64, 1024).unwrap();
             let bufs = ParamBuffers::new(&ctx, layout, &config, &[], None);
             let geometries = Kernels::geometries(&ctx, &bufs);
-            let k = Kernels::with_geometries(&ctx, &bufs, &config, geometries, most);
+            let k =
+                Kernels::with_geometries(&ctx, &bufs, &config, geometries, BatchLimits::both(most));
             bufs.upload_params_f64(&p).unwrap();
             bufs.upload_grads_f64(&g).unwrap();
             if momentum > 0.0 {

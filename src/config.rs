@@ -145,7 +145,8 @@ impl VelocityDtype {
 }
 
 /// The most steps a pipelined run submits per wait: each takes a readback slot (16
-/// bytes, 32 with f64 parameters) allocated with the optimizer.
+/// bytes, 32 with f64 parameters, half as much again with the overflow check)
+/// allocated with the optimizer.
 pub const MAX_SYNC_EVERY: usize = 65_536;
 
 /// Options of the Polyak SGD solver, with jaxopt 0.8.5's defaults.
@@ -361,7 +362,7 @@ impl PolyakConfig {
             return bad(
                 "sync_every",
                 self.sync_every as f64,
-                "must be in 1..=65536 (16 bytes of readback per step)",
+                "must be in 1..=65536 (a readback slot per step)",
             );
         }
         if self.sync_every > 1 && self.stepsize_mode != StepSizeMode::Device {

@@ -91,6 +91,12 @@ const HALTED: u64 = 6;
 /// Index of the first of the options (momentum, max_stepsize, delta, fun_min).
 const OPTIONS: u64 = 9;
 
+/// Scalars copied back per step: loss, squared norm, step, verdict, and the bounds
+/// where the optimizer checks them (`bounds`).
+fn reals_read(bounds: bool) -> u64 {
+    if bounds { 6 } else { 4 }
+}
+
 /// The slot on the GPU and its MAP_READ readback buffer.
 #[derive(Debug)]
 pub(crate) struct ScalarSlot {
@@ -133,7 +139,7 @@ impl ScalarSlot {
         });
         let staging = device.create_buffer(&wgpu::BufferDescriptor {
             label: Some("polyak scalars readback"),
-            size: if bounds { 6 } else { 4 } * real * readback_slots.max(1) as u64,
+            size: reals_read(bounds) * real * readback_slots.max(1) as u64,
             usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
             mapped_at_creation: false,
         });
@@ -164,16 +170,10 @@ impl ScalarSlot {
         }
     }
 
-    /// Scalars copied per step: loss, squared norm, step, verdict, and the bounds
-    /// where the optimizer checks them.
-    fn reals_read(&self) -> u64 {
-        if self.bounds { 6 } else { 4 }
-    }
-
     /// Bytes of one readback slot: loss, squared norm, step and verdict, and the
     /// bounds where the optimizer checks them.
     fn slot_bytes(&self) -> u64 {
-        self.reals_read() * self.real
+        reals_read(self.bounds) * self.real
     }
 
     /// Records the copy of loss, squared norm, step and verdict (and the bounds)

@@ -279,23 +279,10 @@ impl Kernels {
                 mapped_at_creation: false,
             })
         };
-        let workgroups = u64::from(ours);
-        let partials = scratch(
-            "polyak norm partials",
-            if bufs.objective_norm.is_some() {
-                0
-            } else {
-                workgroups
-            },
-        );
-        let bounds = scratch(
-            "polyak step bounds",
-            if config.check_overflow {
-                2 * workgroups
-            } else {
-                0
-            },
-        );
+        let workgroups = u64::from(ours); // 0 when the objective computes the norm
+        let partials = scratch("polyak norm partials", workgroups);
+        let checked = u64::from(config.check_overflow);
+        let bounds = scratch("polyak step bounds", 2 * workgroups * checked);
         let (summed, count) = match &bufs.objective_norm {
             Some(o) => (&o.partials, o.count),
             None => (&partials, ours),

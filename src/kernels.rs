@@ -314,15 +314,19 @@ impl Kernels {
             let geo = geometry.uniform(ctx);
             kernels.uniform_bytes += geo.size();
             // norm_partials.wgsl: partials 0, geometry 1, each gradient from 2;
-            // norm_guard.wgsl: bounds 2, then params, gradient and velocity of each
-            // segment from 3.
+            // norm_guard.wgsl: bounds 2, scalars 3, then params, gradient and
+            // velocity of each segment from 4.
             let mut entries = vec![
                 (0, partials.as_entire_binding()),
                 (1, geo.as_entire_binding()),
             ];
             if config.check_overflow {
                 entries.push((2, bounds.as_entire_binding()));
-                for (k, s) in (3..).step_by(3).zip(segs) {
+                if bufs.has_velocity() {
+                    // (only `momentum` reads it)
+                    entries.push((3, bufs.scalars.buffer.as_entire_binding()));
+                }
+                for (k, s) in (4..).step_by(3).zip(segs) {
                     entries.push((k, resource(&s.params, s.len)));
                     entries.push((k + 1, resource(&s.grads, s.len)));
                     if let Some(v) = &s.velocity {
@@ -411,13 +415,12 @@ impl Kernels {
                 let text = source(include_str!("../shaders/norm_guard.wgsl"), &|k| {
                     vec![
                         ("$K", k),
-                        ("$BP", 3 + 3 * k),
-                        ("$BG", 4 + 3 * k),
-                        ("$BV", 5 + 3 * k),
+                        ("$BP", 4 + 3 * k),
+                        ("$BG", 5 + 3 * k),
+                        ("$BV", 6 + 3 * k),
                     ]
                 });
-                let with_momentum = [constants[0], ("MOMENTUM", config.momentum)];
-                pipeline(ctx, &module(ctx, "norm_guard", text), entry, &with_momentum)
+                pipeline(ctx, &module(ctx, "norm_guard", text), entry, &constants)
             }
             Pass::Norm => {
                 let text = source(include_str!("../shaders/norm_partials.wgsl"), &|k| {

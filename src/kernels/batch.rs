@@ -38,13 +38,14 @@ pub(crate) struct BatchLimits {
 
 impl BatchLimits {
     /// What the device's storage bindings per stage allow. Each kernel also binds
-    /// one or two scratch buffers and the batch's uniform, which counts too (Metal
+    /// a scratch buffer or two, maybe the scalars, and the batch's uniform, which
+    /// counts too (Metal
     /// counts every buffer of a stage against one limit, which wgpu reports as the
     /// storage one).
     pub fn of(ctx: &GpuContext, check_overflow: bool) -> Self {
         let bindings = ctx.limits().max_storage_buffers_per_shader_stage as usize;
         let norm = if check_overflow {
-            bindings.saturating_sub(3) / 3 // partials, bounds, batch; p, g, v each
+            bindings.saturating_sub(4) / 3 // partials, bounds, scalars, batch; p, g, v
         } else {
             bindings.saturating_sub(2) // partials, batch; g each
         };

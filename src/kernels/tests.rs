@@ -298,7 +298,7 @@ fn overflow_bounds_match_f64_and_leave_the_norm_alone() {
                 assert_eq!(s.bounds, None, "{what}");
                 continue;
             }
-            let m = momentum as f32 as f64; // the kernel's, in f64 too
+            let m = round(momentum); // the kernel reads it in its precision
             let v0 = if momentum > 0.0 {
                 v.clone()
             } else {

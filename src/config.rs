@@ -327,6 +327,56 @@ impl PolyakConfig {
         }
     }
 
+    /// Checks that this configuration fits an optimizer built with `built`, whose
+    /// buffers and kernels it cannot change: the same `dtype`, momentum zero or not
+    /// as before (and the same `velocity_dtype` with it), the same
+    /// `check_overflow`, and `sync_every` at most `slots` (its readback slots).
+    pub(crate) fn fits(&self, built: &PolyakConfig, slots: usize) -> Result<()> {
+        let fixed = |option, value: String, reason| {
+            Err(Error::InvalidOption {
+                option,
+                value,
+                reason,
+            })
+        };
+        if self.dtype != built.dtype {
+            return fixed(
+                "dtype",
+                format!("{:?}", self.dtype),
+                "fixed when the optimizer is built",
+            );
+        }
+        if (self.momentum == 0.0) != (built.momentum == 0.0) {
+            return fixed(
+                "momentum",
+                self.momentum.to_string(),
+                "may change, but not to or from 0 (the velocity is allocated at build)",
+            );
+        }
+        if self.velocity_bytes() != built.velocity_bytes() {
+            return fixed(
+                "velocity_dtype",
+                format!("{:?}", self.velocity_dtype),
+                "fixed when the optimizer is built",
+            );
+        }
+        if self.check_overflow != built.check_overflow {
+            return fixed(
+                "check_overflow",
+                self.check_overflow.to_string(),
+                "fixed when the optimizer is built (it has its own norm kernel)",
+            );
+        }
+        if self.sync_every > slots {
+            return fixed(
+                "sync_every",
+                self.sync_every.to_string(),
+                "at most the value the optimizer was built with (its readback slots)",
+            );
+        }
+        Ok(())
+    }
+
     /// Checks every option's domain; the solvers call this before doing anything.
     pub fn validate(&self) -> Result<()> {
         let bad = |option, value: f64, reason| {

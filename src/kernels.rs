@@ -74,6 +74,10 @@ pub(crate) struct Kernels {
     /// The update: one dispatch per segment or batch of small segments.
     update: Vec<Dispatch>,
     final_group: wgpu::BindGroup,
+    /// The final pass's `Rule` (partial count, variant, policy, check).
+    rule: wgpu::Buffer,
+    /// The partials the final pass sums.
+    partial_count: u32,
     partials_bytes: u64,
     uniform_bytes: u64,
 }
@@ -305,8 +309,10 @@ impl Kernels {
             norm: Vec::new(),
             update: Vec::new(),
             final_group,
-            partials_bytes: partials.size() + bounds.size(),
             uniform_bytes: rule.size(),
+            rule,
+            partial_count: count,
+            partials_bytes: partials.size() + bounds.size(),
         };
         for (batch, geometry) in norm_batches {
             let segs = &bufs.segments[batch];
@@ -432,6 +438,16 @@ impl Kernels {
         self.pipelines.push(compiled);
         self.compiled.push((pass, m, self.pipelines.len() - 1));
         self.pipelines.len() - 1
+    }
+
+    /// Queues `config`'s step-size rule and its real-valued options (momentum,
+    /// max_stepsize, delta, fun_min) for the next submissions; the kernels stay as
+    /// they are, so `config` must keep the shape they were built for.
+    pub fn set_options(&self, ctx: &GpuContext, bufs: &ParamBuffers, config: &PolyakConfig) {
+        bufs.scalars.write_options(config);
+        let rule = RuleUniform::new(self.partial_count, config);
+        ctx.queue()
+            .write_buffer(&self.rule, 0, bytemuck::bytes_of(&rule));
     }
 
     /// Bytes of device memory the kernels use besides the vectors: the norm partials

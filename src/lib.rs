@@ -15,7 +15,7 @@
 //! - [`PolyakConfig`]: jaxopt's options, with `Default` and builder setters.
 //! - [`PolyakSgd`]: `init_state`, `update`, `run`, `run_iterator`,
 //!   `l2_optimality_error`; `update_batches` (epochs of a training loop);
-//!   `save_checkpoint` / `load_checkpoint`.
+//!   `set_config` (schedules); `save_checkpoint` / `load_checkpoint`.
 //! - [`ExternalTensor`]: tensors whose buffers you own, updated in place; many of
 //!   them laid back to back in one pair of buffers form a run, which costs what one
 //!   tensor costs.

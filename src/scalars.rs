@@ -116,6 +116,8 @@ pub(crate) struct ScalarSlot {
     real: u64,
     /// Whether the readback carries the bounds of the overflow check.
     bounds: bool,
+    /// Readback slots: the most steps a pipelined run can submit per wait.
+    pub slots: usize,
 }
 
 impl ScalarSlot {
@@ -151,6 +153,7 @@ impl ScalarSlot {
             map_result: Arc::new(Mutex::new(None)),
             real,
             bounds,
+            slots: readback_slots.max(1),
         };
         slot.write(&slot.loss_in, 0, &[f64::NAN]);
         slot

@@ -305,6 +305,45 @@ impl PolyakSgd {
         &self.config
     }
 
+    /// Replaces the options between updates, for schedules: a `max_stepsize` that
+    /// warms up or decays, a `fun_min` that follows the loss, another `momentum`,
+    /// `variant`, `delta`, `tol`, `maxiter`, non-finite policy, step-size mode or
+    /// a smaller `sync_every`. Cheap (a few bytes queued for the GPU, no kernel
+    /// built), so it may run every step; the next update uses the new options, and
+    /// a deferred update still runs with the old ones. What the buffers and kernels
+    /// were built for cannot change: `dtype`, momentum zero or not, `velocity_dtype`,
+    /// `check_overflow`, and `sync_every` above its value at build are
+    /// [`Error::InvalidOption`], and then nothing changes.
+    ///
+    /// ```
+    /// # use polyak_gpu::{GpuContext, Loss, PolyakConfig, PolyakSgd};
+    /// # let ctx = GpuContext::new()?;
+    /// let mut opt = PolyakSgd::new(&ctx, PolyakConfig::default().momentum(0.9), &[1.0; 8])?;
+    /// let mut state = opt.init_state(|_| Ok((Loss::Host(1.0), ())))?;
+    /// for step in 0..10 {
+    ///     // max_stepsize warms up from 0.1 to 1 over the first ten steps
+    ///     let cap = 0.1 + 0.09 * step as f64;
+    ///     opt.set_config(opt.config().clone().max_stepsize(cap))?;
+    ///     state = opt.update(&state, |ev| {
+    ///         let x = ev.read_params()?;
+    ///         ev.write_grads(&x)?; // the gradient of 0.5 * |x|^2
+    ///         Ok((Loss::Host(0.5 * x.iter().map(|v| f64::from(v * v)).sum::<f64>()), ()))
+    ///     })?;
+    ///     assert!(state.stepsize as f32 <= cap as f32); // (the step is an f32)
+    /// }
+    /// assert!(opt.set_config(opt.config().clone().momentum(0.0)).is_err());
+    /// # Ok::<(), polyak_gpu::Error>(())
+    /// ```
+    pub fn set_config(&mut self, config: PolyakConfig) -> Result<()> {
+        config.validate()?;
+        config.fits(&self.config, self.buffers.scalars.slots)?;
+        // A deferred update reads the momentum of the options it was recorded with.
+        self.buffers.flush()?;
+        self.kernels.set_options(&self.ctx, &self.buffers, &config);
+        self.config = config;
+        Ok(())
+    }
+
     /// The device context.
     pub fn context(&self) -> &GpuContext {
         &self.ctx

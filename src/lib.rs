@@ -61,3 +61,16 @@ pub use stepsize::{Precision, polyak_stepsize};
 #[doc = include_str!("../README.md")]
 #[cfg(doctest)]
 pub struct ReadmeDoctests;
+
+// What a training loop needs of these types, checked when the crate compiles: an
+// optimizer moves to another thread (or behind a `Mutex`), a context is shared
+// between threads, and errors go into `Box<dyn Error + Send + Sync>` or `anyhow`.
+const _: () = {
+    const fn send<T: Send>() {}
+    const fn shared<T: Send + Sync>() {}
+    send::<PolyakSgd>();
+    send::<State<()>>();
+    shared::<GpuContext>();
+    shared::<PolyakConfig>();
+    shared::<Error>();
+};

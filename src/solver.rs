@@ -313,7 +313,8 @@ impl PolyakSgd {
     /// a deferred update still runs with the old ones. What the buffers and kernels
     /// were built for cannot change: `dtype`, momentum zero or not, `velocity_dtype`,
     /// `check_overflow`, and `sync_every` above its value at build are
-    /// [`Error::InvalidOption`], and then nothing changes.
+    /// [`Error::InvalidOption`], and then nothing changes. Checkpoints do not store
+    /// options: after [`PolyakSgd::load_checkpoint`], set them again.
     ///
     /// ```
     /// # use polyak_gpu::{GpuContext, Loss, PolyakConfig, PolyakSgd};

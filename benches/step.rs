@@ -22,6 +22,20 @@ fn steps(c: &mut Criterion) {
                 state = opt.update(&state, keep).unwrap();
             })
         });
+        // The same step with the overflow check (the norm pass reads p and v too).
+        let mut checked =
+            PolyakSgd::new(&ctx, cfg.clone().check_overflow(true), &vec![0.0; n]).unwrap();
+        bench::fill(&checked, true, 1, 1.0).unwrap();
+        bench::fill(&checked, false, 2, 1e-3).unwrap();
+        let mut checked_state = checked.init_state(keep).unwrap();
+        group.throughput(Throughput::Bytes(32 * n as u64));
+        group.bench_with_input(BenchmarkId::new("step (overflow check)", n), &n, |b, _| {
+            b.iter(|| {
+                checked_state = checked.update(&checked_state, keep).unwrap();
+            })
+        });
+        group.throughput(Throughput::Bytes(24 * n as u64));
+        drop(checked);
         // The same step with the step size computed on the GPU: one submission.
         let mut on_device = PolyakSgd::new(
             &ctx,

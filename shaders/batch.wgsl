@@ -29,7 +29,9 @@ struct Batch {
 // binding 1 of both kernels: the batch's dispatch grid and each segment's geometry.
 @group(0) @binding(1) var<uniform> batch: Batch;
 
-const WG: u32 = 256u;
+// Invocations per workgroup: 256 unless the context says otherwise
+// (`ContextOptions::workgroup_size`, a power of two). Set at pipeline creation.
+override WG: u32 = 256u;
 // How invocations share a segment. GPUs (false): a grid-stride loop, workgroup
 // `group` starting at vec4 `group * WG` and all invocations striding by the whole
 // grid, so neighbouring invocations load neighbouring vec4s. CPU adapters (true),

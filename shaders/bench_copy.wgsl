@@ -16,22 +16,24 @@ struct Geometry {
 // binding 2: the dispatch geometry.
 @group(0) @binding(2) var<uniform> geo: Geometry;
 
-// As in the optimizer's kernels: contiguous runs per invocation on CPU adapters.
+// As in the optimizer's kernels: contiguous runs per invocation on CPU adapters,
+// and the same invocations per workgroup.
 override CONTIGUOUS: bool = false;
+override WG: u32 = 256u;
 
-@compute @workgroup_size(256)
+@compute @workgroup_size(WG)
 fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
     let group = wid.y * geo.groups_x + wid.x;
     if (group >= geo.groups) {
         return;
     }
-    var i = group * 256u + lid;
+    var i = group * WG + lid;
     var stop = geo.n4;
-    var stride = geo.groups * 256u;
+    var stride = geo.groups * WG;
     if (CONTIGUOUS) {
         let start = group * geo.chunk;
         let end = min(start + geo.chunk, geo.n4);
-        let per = (end - start + 255u) / 256u;
+        let per = (end - start + WG - 1u) / WG;
         i = start + lid * per;
         stop = min(i + per, end);
         stride = 1u;

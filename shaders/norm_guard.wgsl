@@ -119,7 +119,7 @@ fn every_step() -> Steps {
     return Steps(real4(-LIMIT), real4(LIMIT));
 }
 
-@compute @workgroup_size(256)
+@compute @workgroup_size(WG)
 fn momentum(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
     let g = workgroup_index(wid);
     if (g >= batch.total) {
@@ -133,7 +133,7 @@ fn momentum(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_ind
     finish(sum, steps, g, lid);
 }
 
-@compute @workgroup_size(256)
+@compute @workgroup_size(WG)
 fn plain(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
     let g = workgroup_index(wid);
     if (g >= batch.total) {

@@ -23,7 +23,7 @@ fn sum_$K(w: vec3<u32>) -> real4 {
 
 var<workgroup> sums: array<real, WG>;
 
-@compute @workgroup_size(256)
+@compute @workgroup_size(WG)
 fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
     let g = workgroup_index(wid);
     if (g >= batch.total) {

@@ -34,7 +34,7 @@ fn plain_$K(w: vec3<u32>, neg_step: real) {
 }
 // @end
 
-@compute @workgroup_size(256)
+@compute @workgroup_size(WG)
 fn momentum(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
     let g = workgroup_index(wid);
     if (g >= batch.total || scalars[3] != 0.0) {
@@ -47,7 +47,7 @@ fn momentum(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_ind
     // @end
 }
 
-@compute @workgroup_size(256)
+@compute @workgroup_size(WG)
 fn plain(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
     let g = workgroup_index(wid);
     if (g >= batch.total || scalars[3] != 0.0) {

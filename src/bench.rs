@@ -122,7 +122,7 @@ impl CopyBench {
         };
         let src = buffer(wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_DST);
         let dst = buffer(wgpu::BufferUsages::STORAGE);
-        let geometry = Geometry::new(n4, ctx.max_workgroups());
+        let geometry = Geometry::new(n4, ctx.max_workgroups(), ctx.workgroup_size());
         let dispatch = geometry.dispatch();
         // `Geometry` of bench_copy.wgsl: the segment's, and the grid's width
         let geo = uniform(

@@ -40,6 +40,11 @@ pub struct ContextOptions {
     /// lavapipe) rather than striding by the workgroup size (good on GPUs). `None`
     /// picks by device type.
     pub contiguous_invocations: Option<bool>,
+    /// Invocations per workgroup of the norm and update kernels: a power of two from
+    /// 32 to the device's limits (1,024 on most GPUs). `None` is 256. For tuning
+    /// by measurement (`polyak-bench --workgroup-size`); results are the same up
+    /// to the order of the norm's sums.
+    pub workgroup_size: Option<u32>,
     /// How long a wait for the GPU may take before it is [`Error::Timeout`] (a hung
     /// kernel, e.g. one of the objective's, is then an error instead of a hang).
     /// `None` is [`DEFAULT_WAIT_TIMEOUT`]; `Some(Duration::MAX)` waits as long as the
@@ -59,6 +64,7 @@ pub struct GpuContext {
     max_workgroups: u32,
     max_segment_elements: Option<usize>,
     contiguous_invocations: bool,
+    workgroup_size: u32,
     /// The wait timeout in nanoseconds (`u64::MAX`: none), shared by every clone.
     wait_timeout_ns: Arc<AtomicU64>,
 }
@@ -117,6 +123,9 @@ impl GpuContext {
             .contiguous_invocations
             .unwrap_or(info.device_type == wgpu::DeviceType::Cpu);
         ctx.set_wait_timeout(options.wait_timeout.unwrap_or(DEFAULT_WAIT_TIMEOUT));
+        if let Some(wg) = options.workgroup_size {
+            ctx.set_workgroup_size(wg)?;
+        }
         ctx.info = Some(info);
         Ok(ctx)
     }
@@ -193,6 +202,7 @@ impl GpuContext {
             max_workgroups: default_max_workgroups(wgpu::DeviceType::DiscreteGpu),
             max_segment_elements: None,
             contiguous_invocations: false,
+            workgroup_size: DEFAULT_WORKGROUP_SIZE,
             wait_timeout_ns: Arc::new(AtomicU64::new(nanos(DEFAULT_WAIT_TIMEOUT))),
         }
     }
@@ -220,6 +230,33 @@ impl GpuContext {
         self.max_workgroups = n.max(1);
     }
 
+    /// Sets the invocations per workgroup of the optimizers built from now on (see
+    /// [`ContextOptions::workgroup_size`]): [`Error::InvalidOption`] unless a power
+    /// of two from 32 that the device's limits allow, with room in workgroup memory
+    /// for the norm's three f64 arrays of that length.
+    pub fn set_workgroup_size(&mut self, n: u32) -> Result<()> {
+        let l = &self.limits;
+        let fits = n.is_power_of_two()
+            && (32..=l.max_compute_invocations_per_workgroup).contains(&n)
+            && n <= l.max_compute_workgroup_size_x
+            && 3 * 8 * n <= l.max_compute_workgroup_storage_size;
+        if !fits {
+            return Err(Error::InvalidOption {
+                option: "workgroup_size",
+                value: n.to_string(),
+                reason: "must be a power of two from 32 that the device's workgroup limits \
+                         allow (3 x 8 bytes of workgroup memory per invocation)",
+            });
+        }
+        self.workgroup_size = n;
+        Ok(())
+    }
+
+    /// Invocations per workgroup of the norm and update kernels.
+    pub fn workgroup_size(&self) -> u32 {
+        self.workgroup_size
+    }
+
     /// Lowers the elements per segment below the device's limits (see
     /// [`ContextOptions::max_segment_elements`]).
     pub fn set_max_segment_elements(&mut self, n: Option<usize>) {
@@ -237,16 +274,18 @@ impl GpuContext {
         self.contiguous_invocations
     }
 
-    /// The pipeline-overridable constants every kernel of this crate takes.
-    pub fn kernel_constants(&self) -> [(&'static str, f64); 1] {
-        [(
-            "CONTIGUOUS",
-            if self.contiguous_invocations {
-                1.0
-            } else {
-                0.0
-            },
-        )]
+    /// The pipeline-overridable constants the norm, update and copy kernels of this
+    /// crate take: the walk and the workgroup size.
+    pub fn kernel_constants(&self) -> [(&'static str, f64); 2] {
+        let contiguous = if self.contiguous_invocations {
+            1.0
+        } else {
+            0.0
+        };
+        [
+            ("CONTIGUOUS", contiguous),
+            ("WG", f64::from(self.workgroup_size)),
+        ]
     }
 
     /// The wgpu device.
@@ -362,6 +401,9 @@ pub(crate) fn proc_kb(file: &str, key: &str) -> Option<u64> {
         .parse()
         .ok()
 }
+
+/// Invocations per workgroup of the kernels unless the context says otherwise.
+const DEFAULT_WORKGROUP_SIZE: u32 = 256;
 
 fn default_max_workgroups(kind: wgpu::DeviceType) -> u32 {
     match kind {

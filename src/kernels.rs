@@ -11,8 +11,6 @@ pub(crate) use batch::BatchLimits;
 use batch::{BATCH, BatchGeometry, batches, clash, expand};
 pub(crate) use batch::{Geometry, grid};
 
-/// Invocations per workgroup in every kernel (`WG` in the shaders).
-pub(crate) const WORKGROUP: u32 = 256;
 /// Mirrors `Rule` in `norm_final.wgsl`: the partial count, the variant, the
 /// non-finite policy and the overflow check (the real-valued options live in the
 /// scalars slot).
@@ -236,7 +234,13 @@ impl Kernels {
     fn geometries(ctx: &GpuContext, bufs: &ParamBuffers) -> Vec<Geometry> {
         bufs.segments
             .iter()
-            .map(|s| Geometry::new((s.len / 4) as u32, ctx.max_workgroups()))
+            .map(|s| {
+                Geometry::new(
+                    (s.len / 4) as u32,
+                    ctx.max_workgroups(),
+                    ctx.workgroup_size(),
+                )
+            })
             .collect()
     }
 

@@ -6,8 +6,6 @@ use crate::buffers::Segment;
 use crate::context::GpuContext;
 use wgpu::util::DeviceExt;
 
-use super::WORKGROUP;
-
 /// Most workgroups along one dispatch dimension (WebGPU's and every adapter's limit).
 pub(super) const MAX_DIM: u32 = 65_535;
 /// Most loop iterations of one invocation. lavapipe was seen to stop a loop after
@@ -84,13 +82,11 @@ pub(crate) struct Geometry {
 
 impl Geometry {
     /// Splits `n4` vec4s into at most `max_groups` contiguous chunks, one per
-    /// workgroup (more if a chunk would need over `MAX_ITERATIONS` loop iterations per
-    /// invocation).
-    pub fn new(n4: u32, max_groups: u32) -> Self {
-        let fewest = n4.div_ceil(WORKGROUP * MAX_ITERATIONS);
-        let wanted = n4
-            .div_ceil(WORKGROUP)
-            .clamp(1, max_groups.max(fewest).max(1));
+    /// workgroup of `wg` invocations (more if a chunk would need over
+    /// `MAX_ITERATIONS` loop iterations per invocation).
+    pub fn new(n4: u32, max_groups: u32, wg: u32) -> Self {
+        let fewest = n4.div_ceil(wg * MAX_ITERATIONS);
+        let wanted = n4.div_ceil(wg).clamp(1, max_groups.max(fewest).max(1));
         let chunk = n4.div_ceil(wanted).max(1);
         let groups = n4.div_ceil(chunk).max(1);
         Geometry {
@@ -254,15 +250,20 @@ mod tests {
             (1000, 3),
             (5, 100_000),
         ] {
-            let g = Geometry::new(n4, max);
-            assert!(g.groups <= max.max(1));
-            assert!(g.groups * g.chunk >= n4, "{n4} {max}: {g:?}");
-            assert!(
-                (g.groups - 1) * g.chunk < n4,
-                "{n4} {max}: empty group {g:?}"
-            );
-            let (x, y) = g.dispatch();
-            assert!(x <= MAX_DIM && x * y >= g.groups);
+            for wg in [32, 256, 1024] {
+                let g = Geometry::new(n4, max, wg);
+                let what = format!("{n4} {max} {wg}: {g:?}");
+                // capped, unless a chunk would need too many loop iterations
+                assert!(
+                    g.groups <= max.max(1) || g.chunk <= wg * MAX_ITERATIONS,
+                    "{what}"
+                );
+                assert!(g.chunk.div_ceil(wg) <= MAX_ITERATIONS, "{what}");
+                assert!(g.groups * g.chunk >= n4, "{what}");
+                assert!((g.groups - 1) * g.chunk < n4, "empty group {what}");
+                let (x, y) = g.dispatch();
+                assert!(x <= MAX_DIM && x * y >= g.groups);
+            }
         }
     }
 
@@ -294,7 +295,7 @@ mod tests {
 
     #[test]
     fn geometry_goes_2d_past_65535_groups() {
-        let g = Geometry::new(1 << 25, 100_000);
+        let g = Geometry::new(1 << 25, 100_000, 256);
         let (x, y) = g.dispatch();
         assert!(g.groups > MAX_DIM);
         assert_eq!(x, MAX_DIM);

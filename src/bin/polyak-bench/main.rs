@@ -25,6 +25,7 @@ options:
   --warmup N          untimed steps first (default 3)
   --cpu-max N         largest size for the CPU baseline (default 1e9)
   --max-workgroups N  cap on workgroups per dispatch (default: by adapter)
+  --workgroup-size N  invocations per workgroup, a power of two (default 256)
   --deferred on|off   submit each update with the next step (default off)
   --stepsize M        host | device: where the step size is computed (default host;
                       the fixed overhead is measured every way whatever this says)
@@ -60,6 +61,7 @@ struct Args {
     warmup: usize,
     cpu_max: usize,
     max_workgroups: Option<u32>,
+    workgroup_size: Option<u32>,
     deferred: bool,
     stepsize: StepSizeMode,
     sync_every: usize,
@@ -90,6 +92,7 @@ fn parse_args() -> std::result::Result<Args, String> {
         warmup: 3,
         cpu_max: 1_000_000_000,
         max_workgroups: None,
+        workgroup_size: None,
         deferred: false,
         stepsize: StepSizeMode::Host,
         sync_every: 1,
@@ -133,6 +136,7 @@ fn parse_args() -> std::result::Result<Args, String> {
             "--warmup" => a.warmup = parse_count(&value).unwrap_or(0),
             "--cpu-max" => a.cpu_max = parse_count(&value)?,
             "--max-workgroups" => a.max_workgroups = Some(parse_count(&value)? as u32),
+            "--workgroup-size" => a.workgroup_size = Some(parse_count(&value)? as u32),
             "--deferred" => a.deferred = value == "on",
             "--stepsize" => {
                 a.stepsize = match value.as_str() {
@@ -322,6 +326,7 @@ fn run(args: &Args) -> Result<()> {
     let ctx = GpuContext::with_options(ContextOptions {
         adapter: args.adapter,
         max_workgroups: args.max_workgroups,
+        workgroup_size: args.workgroup_size,
         // One copy-rate run is 20 copies in one submission: about a minute at 1e9
         // on lavapipe, past the default wait timeout.
         wait_timeout: Some(std::time::Duration::MAX),
@@ -334,13 +339,14 @@ fn run(args: &Args) -> Result<()> {
         .contains(wgpu::Features::TIMESTAMP_QUERY);
     println!("adapter: {}", ctx.describe());
     println!(
-        "phase times from {}; {} workgroups max per dispatch",
+        "phase times from {}; {} workgroups max per dispatch, {} invocations each",
         if timestamps {
             "GPU timestamps"
         } else {
             "wall clock"
         },
-        ctx.max_workgroups()
+        ctx.max_workgroups(),
+        ctx.workgroup_size()
     );
 
     let cap = ctx
@@ -469,6 +475,7 @@ fn run(args: &Args) -> Result<()> {
             "driver": info.as_ref().map(|i| format!("{} {}", i.driver, i.driver_info)),
             "timestamps": timestamps,
             "max_workgroups": ctx.max_workgroups(),
+            "workgroup_size": ctx.workgroup_size(),
             "deferred_updates": args.deferred,
             "stepsize_mode": mode_name(args.stepsize),
             "copy_GBps": copy_gbps,

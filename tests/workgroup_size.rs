@@ -1,0 +1,114 @@
+//! `ContextOptions::workgroup_size`: the norm and update kernels at other workgroup
+//! sizes, both walks, one and many segments, against f64; sizes the device cannot
+//! take are refused.
+
+mod common;
+
+use common::two_steps_in;
+use polyak_gpu::{
+    ContextOptions, Error, GpuContext, Loss, ParamDtype, PolyakConfig, PolyakSgd, StepSizeMode,
+};
+
+fn ctx_with(workgroup_size: u32, contiguous: bool, segment: Option<usize>) -> GpuContext {
+    GpuContext::with_options(ContextOptions {
+        workgroup_size: Some(workgroup_size),
+        contiguous_invocations: Some(contiguous),
+        max_segment_elements: segment,
+        max_workgroups: Some(5), // several strides or chunks per invocation
+        ..Default::default()
+    })
+    .expect("an adapter that takes this workgroup size")
+}
+
+#[test]
+fn other_workgroup_sizes_step_as_f64_says() {
+    for wg in [32, 64, 512, 1024] {
+        for contiguous in [true, false] {
+            // 300,001 elements: many vec4s per invocation in 5 workgroups of 32.
+            let ctx = ctx_with(wg, contiguous, None);
+            assert_eq!(ctx.workgroup_size(), wg);
+            for (n, mode) in [
+                (1, StepSizeMode::Host),
+                (1021, StepSizeMode::Device),
+                (300_001, StepSizeMode::Host),
+            ] {
+                two_steps_in(&ctx, n, 0.9, n as u64 + u64::from(wg), mode);
+            }
+            // many small segments: batched dispatches
+            let ctx = ctx_with(wg, contiguous, Some(256));
+            two_steps_in(&ctx, 5000, 0.5, 7, StepSizeMode::Device);
+        }
+    }
+}
+
+#[test]
+fn the_overflow_check_and_f64_at_the_largest_workgroup() {
+    // The checking norm pass keeps three f64 arrays of the workgroup's length in
+    // workgroup memory: 24 KiB at 1,024 invocations.
+    let ctx = ctx_with(1024, false, Some(1024));
+    let n = 9000;
+    let p0: Vec<f64> = (0..n).map(|i| ((i % 17) as f64 - 8.0) * 0.125).collect();
+    let mut results = Vec::new();
+    for check in [false, true] {
+        let cfg = PolyakConfig::default()
+            .dtype(ParamDtype::F64)
+            .momentum(0.9)
+            .stepsize_mode(StepSizeMode::Device)
+            .check_overflow(check);
+        let mut opt = PolyakSgd::new_zeroed(&ctx, cfg, n).unwrap();
+        opt.buffers().upload_params_f64(&p0).unwrap();
+        let f = |ev: &mut polyak_gpu::Evaluation<'_>| {
+            let x = ev.read_params_f64()?;
+            ev.write_grads_f64(&x)?; // 0.5 |x|^2
+            Ok((Loss::Host(0.5 * x.iter().map(|v| v * v).sum::<f64>()), ()))
+        };
+        let mut state = opt.init_state(f).unwrap();
+        for _ in 0..3 {
+            state = opt.update(&state, f).unwrap();
+        }
+        results.push((state, opt.buffers().download_params_f64().unwrap()));
+    }
+    // 0.5 |x|^2 from x0: every step size is |x|^2 / 2 / |x|^2 = 0.5, so with momentum
+    // 0.9: v1 = -0.5 x0, x1 = 0.5 x0; v2 = -0.7 x0, x2 = -0.2 x0; v3 = -0.53 x0,
+    // x3 = -0.73 x0.
+    let (state, p) = &results[0];
+    assert_eq!(state.iter_num, 3);
+    assert!((state.stepsize - 0.5).abs() <= 1e-12, "{state:?}"); // (sums in another order)
+    for (a, b) in p.iter().zip(&p0) {
+        assert!((a + 0.73 * b).abs() <= 1e-12, "{a} vs -0.73 * {b}");
+    }
+    // With and without the check: the same steps (batches of 1,024-element segments
+    // may be grouped differently: equal to the last bits).
+    let (checked, q) = &results[1];
+    assert_eq!(checked.iter_num, 3);
+    for (a, b) in p.iter().zip(q) {
+        assert!((a - b).abs() <= 1e-12 * (b.abs() + 1.0), "{a} vs {b}");
+    }
+}
+
+#[test]
+fn workgroup_sizes_the_device_cannot_take_are_refused() {
+    let most = common::ctx().limits().max_compute_invocations_per_workgroup;
+    for bad in [0, 16, 48, 100, 2 * most] {
+        let opened = GpuContext::with_options(ContextOptions {
+            workgroup_size: Some(bad),
+            ..Default::default()
+        });
+        assert!(
+            matches!(
+                opened,
+                Err(Error::InvalidOption {
+                    option: "workgroup_size",
+                    ..
+                })
+            ),
+            "{bad}: {opened:?}"
+        );
+    }
+    let mut ctx = common::ctx();
+    assert_eq!(ctx.workgroup_size(), 256);
+    assert!(ctx.set_workgroup_size(48).is_err());
+    assert_eq!(ctx.workgroup_size(), 256);
+    ctx.set_workgroup_size(64).unwrap();
+    assert_eq!(ctx.workgroup_size(), 64);
+}

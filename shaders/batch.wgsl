@@ -7,7 +7,11 @@
 // WGSL cannot index bindings, so the host writes out each block of a kernel between
 // `@each` and `@end` once per segment of the batch, with `$K` the segment's index in
 // the batch and the `$B..` placeholders its bindings, and sets `$M` to the batch's
-// size.
+// size. It also unrolls the walks' loops (`ContextOptions::unroll`): the lines
+// between `@repeat` and `@end repeat` are written out `$U` times with `$u` the copy's
+// index, inside a loop between `@unrolled` and `@end unrolled` that takes `$U`
+// elements per iteration (dropped when `$U` is 1); a plain loop does the rest. Each
+// invocation visits its elements in the same order whatever `$U`: the same bits.
 
 struct Geometry {
     n4: u32,     // length of the segment in vec4s
@@ -17,6 +21,7 @@ struct Geometry {
 }
 
 const M: u32 = $Mu; // segments in the batch
+const UNROLL: u32 = $Uu; // elements per iteration of the unrolled loops
 
 struct Batch {
     groups_x: u32,     // workgroups along x in the dispatch (2-D when over 65,535)

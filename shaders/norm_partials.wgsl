@@ -13,7 +13,18 @@
 @group(0) @binding($BG) var<storage, read> grads_$K: array<real4>;
 fn sum_$K(w: vec3<u32>) -> real4 {
     var acc = real4(0.0);
-    for (var i = w.x; i < w.y; i += w.z) {
+    var i = w.x;
+    // @unrolled
+    for (; i + (UNROLL - 1u) * w.z < w.y; i += UNROLL * w.z) {
+        // @repeat
+        let g$u = grads_$K[i + $uu * w.z];
+        // @end repeat
+        // @repeat
+        acc += g$u * g$u;
+        // @end repeat
+    }
+    // @end unrolled
+    for (; i < w.y; i += w.z) {
         let g = grads_$K[i];
         acc += g * g;
     }

@@ -21,14 +21,40 @@
 @group(0) @binding($BG) var<storage, read> grads_$K: array<real4>;
 @group(0) @binding($BV) var<storage, read_write> velocity_$K: array<velocity4>;
 fn momentum_$K(w: vec3<u32>, step: real, momentum: real) {
-    for (var i = w.x; i < w.y; i += w.z) {
+    var i = w.x;
+    // @unrolled
+    for (; i + (UNROLL - 1u) * w.z < w.y; i += UNROLL * w.z) {
+        // @repeat
+        let j$u = i + $uu * w.z;
+        let v$u = momentum * real4(velocity_$K[j$u]) - step * grads_$K[j$u];
+        let p$u = params_$K[j$u];
+        // @end repeat
+        // @repeat
+        velocity_$K[j$u] = to_velocity(v$u);
+        params_$K[j$u] = p$u + v$u;
+        // @end repeat
+    }
+    // @end unrolled
+    for (; i < w.y; i += w.z) {
         let v = momentum * real4(velocity_$K[i]) - step * grads_$K[i];
         velocity_$K[i] = to_velocity(v);
         params_$K[i] = params_$K[i] + v;
     }
 }
 fn plain_$K(w: vec3<u32>, neg_step: real) {
-    for (var i = w.x; i < w.y; i += w.z) {
+    var i = w.x;
+    // @unrolled
+    for (; i + (UNROLL - 1u) * w.z < w.y; i += UNROLL * w.z) {
+        // @repeat
+        let j$u = i + $uu * w.z;
+        let p$u = params_$K[j$u] + neg_step * grads_$K[j$u];
+        // @end repeat
+        // @repeat
+        params_$K[j$u] = p$u;
+        // @end repeat
+    }
+    // @end unrolled
+    for (; i < w.y; i += w.z) {
         params_$K[i] = params_$K[i] + neg_step * grads_$K[i];
     }
 }

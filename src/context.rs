@@ -45,6 +45,12 @@ pub struct ContextOptions {
     /// by measurement (`polyak-bench --workgroup-size`); results are the same up
     /// to the order of the norm's sums.
     pub workgroup_size: Option<u32>,
+    /// Elements (vec4s) each invocation of the norm and update kernels loads per
+    /// loop iteration before it uses them: 1, 2, 4 or 8. `None` is 1. More loads in
+    /// flight may help a GPU near its memory bandwidth; the results are the same
+    /// bit for bit (each invocation visits its elements in the same order). For
+    /// tuning by measurement (`polyak-bench --unroll`).
+    pub unroll: Option<u32>,
     /// How long a wait for the GPU may take before it is [`Error::Timeout`] (a hung
     /// kernel, e.g. one of the objective's, is then an error instead of a hang).
     /// `None` is [`DEFAULT_WAIT_TIMEOUT`]; `Some(Duration::MAX)` waits as long as the
@@ -65,6 +71,7 @@ pub struct GpuContext {
     max_segment_elements: Option<usize>,
     contiguous_invocations: bool,
     workgroup_size: u32,
+    unroll: u32,
     /// The wait timeout in nanoseconds (`u64::MAX`: none), shared by every clone.
     wait_timeout_ns: Arc<AtomicU64>,
 }
@@ -125,6 +132,9 @@ impl GpuContext {
         ctx.set_wait_timeout(options.wait_timeout.unwrap_or(DEFAULT_WAIT_TIMEOUT));
         if let Some(wg) = options.workgroup_size {
             ctx.set_workgroup_size(wg)?;
+        }
+        if let Some(u) = options.unroll {
+            ctx.set_unroll(u)?;
         }
         ctx.info = Some(info);
         Ok(ctx)
@@ -203,6 +213,7 @@ impl GpuContext {
             max_segment_elements: None,
             contiguous_invocations: false,
             workgroup_size: DEFAULT_WORKGROUP_SIZE,
+            unroll: 1,
             wait_timeout_ns: Arc::new(AtomicU64::new(nanos(DEFAULT_WAIT_TIMEOUT))),
         }
     }
@@ -255,6 +266,27 @@ impl GpuContext {
     /// Invocations per workgroup of the norm and update kernels.
     pub fn workgroup_size(&self) -> u32 {
         self.workgroup_size
+    }
+
+    /// Sets the elements each invocation loads per loop iteration in the optimizers
+    /// built from now on (see [`ContextOptions::unroll`]): 1, 2, 4 or 8, else
+    /// [`Error::InvalidOption`].
+    pub fn set_unroll(&mut self, n: u32) -> Result<()> {
+        if ![1, 2, 4, 8].contains(&n) {
+            return Err(Error::InvalidOption {
+                option: "unroll",
+                value: n.to_string(),
+                reason: "must be 1, 2, 4 or 8",
+            });
+        }
+        self.unroll = n;
+        Ok(())
+    }
+
+    /// Elements each invocation of the norm and update kernels loads per loop
+    /// iteration.
+    pub fn unroll(&self) -> u32 {
+        self.unroll
     }
 
     /// Lowers the elements per segment below the device's limits (see

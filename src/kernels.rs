@@ -8,7 +8,7 @@ use wgpu::util::DeviceExt;
 mod batch;
 
 pub(crate) use batch::BatchLimits;
-use batch::{BATCH, BatchGeometry, batches, clash, expand};
+use batch::{BATCH, BatchGeometry, batches, clash, expand, unroll};
 pub(crate) use batch::{Geometry, grid};
 
 /// Mirrors `Rule` in `norm_final.wgsl`: the partial count, the variant, the
@@ -398,9 +398,11 @@ impl Kernels {
         if let Some(&(.., i)) = self.compiled.iter().find(|c| (c.0, c.1) == (pass, m)) {
             return i;
         }
-        // The precision prelude, then batch.wgsl, then the kernel, written out for m.
+        // The precision prelude, then batch.wgsl, then the kernel, unrolled as the
+        // context says and written out for m.
         let source = |text: &str, subst: &dyn Fn(usize) -> Vec<(&'static str, usize)>| {
-            let text = expand(&(BATCH.to_string() + text), m, subst);
+            let text = unroll(&(BATCH.to_string() + text), ctx.unroll());
+            let text = expand(&text, m, subst);
             with_prelude(&text, bufs.real_bytes(), config.velocity_bytes())
         };
         let entry = if bufs.has_velocity() {

@@ -1,12 +1,15 @@
-//! `ContextOptions::workgroup_size`: the norm and update kernels at other workgroup
-//! sizes, both walks, one and many segments, against f64; sizes the device cannot
-//! take are refused.
+//! The kernels' shape options: `ContextOptions::workgroup_size` (the norm and
+//! update kernels at other workgroup sizes, both walks, one and many segments,
+//! against f64; sizes the device cannot take are refused) and
+//! `ContextOptions::unroll` (the same bits at every unrolling).
 
 mod common;
 
 use common::two_steps_in;
+use polyak_gpu::conformance::SplitMix64;
 use polyak_gpu::{
     ContextOptions, Error, GpuContext, Loss, ParamDtype, PolyakConfig, PolyakSgd, StepSizeMode,
+    TensorSpec, VelocityDtype,
 };
 
 fn ctx_with(workgroup_size: u32, contiguous: bool, segment: Option<usize>) -> GpuContext {
@@ -111,4 +114,89 @@ fn workgroup_sizes_the_device_cannot_take_are_refused() {
     assert_eq!(ctx.workgroup_size(), 256);
     ctx.set_workgroup_size(64).unwrap();
     assert_eq!(ctx.workgroup_size(), 64);
+}
+
+/// A host objective writing `g` (in the parameters' precision) with a loss of 3.
+fn writes(
+    g: &[f64],
+) -> impl Fn(&mut polyak_gpu::Evaluation<'_>) -> polyak_gpu::Result<(Loss, ())> + '_ {
+    move |ev| {
+        ev.write_grads_f64(g)?;
+        Ok((Loss::Host(3.0), ()))
+    }
+}
+
+#[test]
+fn unrolled_loops_give_the_same_bits() {
+    // Odd tensor lengths over small segments (batched) and one long one; f32 with
+    // and without momentum, an f16 velocity, f64; three steps with the step size
+    // from the GPU's norm, so a norm summed in another order would show.
+    let specs: Vec<TensorSpec> = [3, 1021, 77, 50_003, 5]
+        .iter()
+        .enumerate()
+        .map(|(i, &n)| TensorSpec::new(format!("t{i}"), &[n]))
+        .collect();
+    let n: usize = specs.iter().map(TensorSpec::len).sum();
+    let mut rng = SplitMix64::new(77);
+    let mut draw = || (0..n).map(|_| rng.upm1()).collect::<Vec<f64>>();
+    let (p0, grads) = (draw(), [draw(), draw(), draw(), draw()]);
+    for (contiguous, dtype, velocity, momentum) in [
+        (true, ParamDtype::F32, VelocityDtype::Full, 0.9),
+        (false, ParamDtype::F32, VelocityDtype::Full, 0.0),
+        (true, ParamDtype::F32, VelocityDtype::F16, 0.9),
+        (false, ParamDtype::F64, VelocityDtype::Full, 0.9),
+    ] {
+        {
+            let what = format!("contiguous {contiguous}, {dtype:?} {velocity:?} {momentum}");
+            let mut runs = Vec::new();
+            for unroll in [1, 2, 8] {
+                let ctx = GpuContext::with_options(ContextOptions {
+                    unroll: Some(unroll),
+                    contiguous_invocations: Some(contiguous),
+                    max_segment_elements: Some(8192),
+                    max_workgroups: Some(3),
+                    ..Default::default()
+                })
+                .unwrap();
+                assert_eq!(ctx.unroll(), unroll);
+                let cfg = PolyakConfig::default()
+                    .dtype(dtype)
+                    .velocity_dtype(velocity)
+                    .momentum(momentum)
+                    .stepsize_mode(StepSizeMode::Device);
+                let mut opt = PolyakSgd::with_tensors(&ctx, cfg, &specs).unwrap();
+                opt.buffers().upload_params_f64(&p0).unwrap();
+                let mut state = opt.init_state(writes(&grads[0])).unwrap();
+                for g in &grads[1..] {
+                    state = opt.update(&state, writes(g)).unwrap();
+                }
+                let p = opt.buffers().download_params_f64().unwrap();
+                let v = opt.buffers().download_velocity_f64().unwrap();
+                let bits: Vec<u64> = p
+                    .iter()
+                    .chain(v.iter().flatten())
+                    .map(|x| x.to_bits())
+                    .collect();
+                runs.push((state, bits));
+            }
+            assert!(
+                runs[0].1.iter().zip(&p0).any(|(&b, &x)| b != x.to_bits()),
+                "{what}: nothing moved"
+            );
+            for r in &runs[1..] {
+                assert_eq!(r.0, runs[0].0, "{what}");
+                assert!(r.1 == runs[0].1, "{what}");
+            }
+        }
+    }
+    assert!(matches!(
+        GpuContext::with_options(ContextOptions {
+            unroll: Some(3),
+            ..Default::default()
+        }),
+        Err(Error::InvalidOption {
+            option: "unroll",
+            ..
+        })
+    ));
 }

@@ -4,7 +4,7 @@
 # test binaries of benches/gpu/tests.txt: step-size modes, pipelining, the
 # objective's norm, f16 velocity, f64, randomized configurations, checkpoints, ...),
 # polyak-bench with the host rule, the device rule and pipelined, the peers, then
-# the objective's norm, f16 velocity, f64, overflow-check and workgroup-size benches,
+# the objective's norm, f16 velocity, f64, overflow-check, workgroup-size and unroll benches,
 # 300 user tensors in separate
 # buffers and in one arena, the MLP example and an
 # out-of-memory probe. The log in $OUT grows as it goes, so a cut-off call still
@@ -45,6 +45,8 @@ bench() { local name=$1; shift; timeout 90 $B/polyak-bench --cpu-max 1 --json "$
   step polyak-bench, the overflow check; bench overflow --sizes 1e8 --momentum on --stepsize device --check-overflow on
   step polyak-bench, workgroups of 128, 512 and 1024 invocations at 1e8, 256 above
   for wg in 128 512 1024; do bench wg$wg --sizes 1e8 --momentum on --stepsize device --workgroup-size $wg; done
+  step polyak-bench, 2, 4 and 8 vec4s per loop iteration at 1e8, 1 above
+  for u in 2 4 8; do bench unroll$u --sizes 1e8 --momentum on --stepsize device --unroll $u; done
   step polyak-bench, 300 tensors: in separate user buffers, then back to back in one
   bench tensors-separate --sizes 1e6,1e8 --momentum on --stepsize device --tensors 300 --tensors-in separate
   bench tensors-arena --sizes 1e6,1e8 --momentum on --stepsize device --tensors 300 --tensors-in arena

@@ -200,6 +200,39 @@ impl BatchGeometry {
     }
 }
 
+/// `source` with its loops unrolled `u` times: each block of lines between a
+/// `// @unrolled` line and a `// @end unrolled` line is kept (dropped when `u` is 1),
+/// each block between `// @repeat` and `// @end repeat` written out `u` times with
+/// `$u` the copy's index, and `$U` set to `u`. The other placeholders stay for
+/// [`expand`].
+pub(super) fn unroll(source: &str, u: u32) -> String {
+    let mut out = String::new();
+    let (mut dropping, mut block): (bool, Option<Vec<&str>>) = (false, None);
+    for line in source.lines() {
+        match (line.trim(), &mut block) {
+            ("// @unrolled", _) => dropping = u == 1,
+            ("// @end unrolled", _) => dropping = false,
+            (_, _) if dropping => {}
+            ("// @repeat", _) => block = Some(Vec::new()),
+            ("// @end repeat", Some(lines)) => {
+                for k in 0..u {
+                    for l in lines.iter() {
+                        out.push_str(&l.replace("$u", &k.to_string()));
+                        out.push('\n');
+                    }
+                }
+                block = None;
+            }
+            (_, Some(lines)) => lines.push(line),
+            (_, None) => {
+                out.push_str(&line.replace("$U", &u.to_string()));
+                out.push('\n');
+            }
+        }
+    }
+    out
+}
+
 /// `source` with each block of lines between a `// @each` line and a `// @end` line
 /// repeated once per segment of a batch of `m`, with the placeholders `subst(k)`
 /// gives for segment `k` replaced, and `$M` set to `m`.
@@ -291,6 +324,16 @@ mod tests {
             out,
             "const M = 2u;\nvar x_0 = 10;\nvar x_1 = 11;\nswitch {\n  case 0u: {}\n  case 1u: {}\n}\n"
         );
+    }
+
+    #[test]
+    fn unroll_repeats_and_drops_blocks() {
+        let src = "const U = $Uu;\nvar i = 0;\n// @unrolled\nloop {\n  // @repeat\n  let a$u = f(i + $uu);\n  // @end repeat\n}\n// @end unrolled\nrest($K);\n";
+        assert_eq!(
+            unroll(src, 2),
+            "const U = 2u;\nvar i = 0;\nloop {\n  let a0 = f(i + 0u);\n  let a1 = f(i + 1u);\n}\nrest($K);\n"
+        );
+        assert_eq!(unroll(src, 1), "const U = 1u;\nvar i = 0;\nrest($K);\n");
     }
 
     #[test]

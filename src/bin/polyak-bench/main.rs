@@ -26,6 +26,8 @@ options:
   --cpu-max N         largest size for the CPU baseline (default 1e9)
   --max-workgroups N  cap on workgroups per dispatch (default: by adapter)
   --workgroup-size N  invocations per workgroup, a power of two (default 256)
+  --unroll U          vec4s each invocation loads per loop iteration: 1, 2, 4, 8
+                      (default 1)
   --deferred on|off   submit each update with the next step (default off)
   --stepsize M        host | device: where the step size is computed (default host;
                       the fixed overhead is measured every way whatever this says)
@@ -62,6 +64,7 @@ struct Args {
     cpu_max: usize,
     max_workgroups: Option<u32>,
     workgroup_size: Option<u32>,
+    unroll: Option<u32>,
     deferred: bool,
     stepsize: StepSizeMode,
     sync_every: usize,
@@ -93,6 +96,7 @@ fn parse_args() -> std::result::Result<Args, String> {
         cpu_max: 1_000_000_000,
         max_workgroups: None,
         workgroup_size: None,
+        unroll: None,
         deferred: false,
         stepsize: StepSizeMode::Host,
         sync_every: 1,
@@ -137,6 +141,7 @@ fn parse_args() -> std::result::Result<Args, String> {
             "--cpu-max" => a.cpu_max = parse_count(&value)?,
             "--max-workgroups" => a.max_workgroups = Some(parse_count(&value)? as u32),
             "--workgroup-size" => a.workgroup_size = Some(parse_count(&value)? as u32),
+            "--unroll" => a.unroll = Some(parse_count(&value)? as u32),
             "--deferred" => a.deferred = value == "on",
             "--stepsize" => {
                 a.stepsize = match value.as_str() {
@@ -327,6 +332,7 @@ fn run(args: &Args) -> Result<()> {
         adapter: args.adapter,
         max_workgroups: args.max_workgroups,
         workgroup_size: args.workgroup_size,
+        unroll: args.unroll,
         // One copy-rate run is 20 copies in one submission: about a minute at 1e9
         // on lavapipe, past the default wait timeout.
         wait_timeout: Some(std::time::Duration::MAX),
@@ -339,14 +345,15 @@ fn run(args: &Args) -> Result<()> {
         .contains(wgpu::Features::TIMESTAMP_QUERY);
     println!("adapter: {}", ctx.describe());
     println!(
-        "phase times from {}; {} workgroups max per dispatch, {} invocations each",
+        "phase times from {}; {} workgroups max per dispatch, {} invocations each, {} vec4s per iteration",
         if timestamps {
             "GPU timestamps"
         } else {
             "wall clock"
         },
         ctx.max_workgroups(),
-        ctx.workgroup_size()
+        ctx.workgroup_size(),
+        ctx.unroll()
     );
 
     let cap = ctx
@@ -476,6 +483,7 @@ fn run(args: &Args) -> Result<()> {
             "timestamps": timestamps,
             "max_workgroups": ctx.max_workgroups(),
             "workgroup_size": ctx.workgroup_size(),
+            "unroll": ctx.unroll(),
             "deferred_updates": args.deferred,
             "stepsize_mode": mode_name(args.stepsize),
             "copy_GBps": copy_gbps,

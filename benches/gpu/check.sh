@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# One device call (about 6-7 minutes on an H100/H200; run it with timeout_s 600), most
+# One device call (about 7-8 minutes on an H100/H200; run it with timeout_s 600), most
 # important first: GPU correctness (conformance on the f32 and f64 paths, then the
 # test binaries of benches/gpu/tests.txt: step-size modes, pipelining, the
 # objective's norm, f16 velocity, f64, randomized configurations, checkpoints, ...),

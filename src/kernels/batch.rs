@@ -200,24 +200,25 @@ impl BatchGeometry {
     }
 }
 
-/// `source` with its loops unrolled `u` times: each block of lines between a
-/// `// @unrolled` line and a `// @end unrolled` line is kept (dropped when `u` is 1),
-/// each block between `// @repeat` and `// @end repeat` written out `u` times with
-/// `$u` the copy's index, and `$U` set to `u`. The other placeholders stay for
-/// [`expand`].
-pub(super) fn unroll(source: &str, u: u32) -> String {
+/// `source` with each block of lines between an `open` line and a `close` line
+/// written out `count` times, copy `k` through `inside(k, line)`, and every other
+/// line through `outside`. What `expand` and `unroll` share.
+fn repeat_blocks(
+    source: &str,
+    (open, close): (&str, &str),
+    count: usize,
+    inside: impl Fn(usize, &str) -> String,
+    outside: impl Fn(&str) -> String,
+) -> String {
     let mut out = String::new();
-    let (mut dropping, mut block): (bool, Option<Vec<&str>>) = (false, None);
+    let mut block: Option<Vec<&str>> = None;
     for line in source.lines() {
         match (line.trim(), &mut block) {
-            ("// @unrolled", _) => dropping = u == 1,
-            ("// @end unrolled", _) => dropping = false,
-            (_, _) if dropping => {}
-            ("// @repeat", _) => block = Some(Vec::new()),
-            ("// @end repeat", Some(lines)) => {
-                for k in 0..u {
+            (l, _) if l == open => block = Some(Vec::new()),
+            (l, Some(lines)) if l == close => {
+                for k in 0..count {
                     for l in lines.iter() {
-                        out.push_str(&l.replace("$u", &k.to_string()));
+                        out.push_str(&inside(k, l));
                         out.push('\n');
                     }
                 }
@@ -225,12 +226,34 @@ pub(super) fn unroll(source: &str, u: u32) -> String {
             }
             (_, Some(lines)) => lines.push(line),
             (_, None) => {
-                out.push_str(&line.replace("$U", &u.to_string()));
+                out.push_str(&outside(line));
                 out.push('\n');
             }
         }
     }
     out
+}
+
+/// `source` with its loops unrolled `u` times: each block of lines between a
+/// `// @unrolled` line and a `// @end unrolled` line is kept (dropped when `u` is 1),
+/// each block between `// @repeat` and `// @end repeat` written out `u` times with
+/// `$u` the copy's index, and `$U` set to `u`. The other placeholders stay for
+/// [`expand`].
+pub(super) fn unroll(source: &str, u: u32) -> String {
+    let kept = repeat_blocks(
+        source,
+        ("// @unrolled", "// @end unrolled"),
+        usize::from(u != 1),
+        |_, line| line.to_string(),
+        str::to_string,
+    );
+    repeat_blocks(
+        &kept,
+        ("// @repeat", "// @end repeat"),
+        u as usize,
+        |k, line| line.replace("$u", &k.to_string()),
+        |line| line.replace("$U", &u.to_string()),
+    )
 }
 
 /// `source` with each block of lines between a `// @each` line and a `// @end` line
@@ -241,32 +264,19 @@ pub(super) fn expand(
     m: usize,
     subst: impl Fn(usize) -> Vec<(&'static str, usize)>,
 ) -> String {
-    let mut out = String::new();
-    let mut block: Option<Vec<&str>> = None;
-    for line in source.lines() {
-        match (line.trim(), &mut block) {
-            ("// @each", _) => block = Some(Vec::new()),
-            ("// @end", Some(lines)) => {
-                for k in 0..m {
-                    for l in lines.iter() {
-                        let mut l = l.to_string();
-                        for (placeholder, value) in subst(k) {
-                            l = l.replace(placeholder, &value.to_string());
-                        }
-                        out.push_str(&l);
-                        out.push('\n');
-                    }
-                }
-                block = None;
-            }
-            (_, Some(lines)) => lines.push(line),
-            (_, None) => {
-                out.push_str(&line.replace("$M", &m.to_string()));
-                out.push('\n');
-            }
-        }
-    }
-    out
+    repeat_blocks(
+        source,
+        ("// @each", "// @end"),
+        m,
+        |k, line| {
+            subst(k)
+                .iter()
+                .fold(line.to_string(), |l, (placeholder, value)| {
+                    l.replace(placeholder, &value.to_string())
+                })
+        },
+        |line| line.replace("$M", &m.to_string()),
+    )
 }
 
 #[cfg(test)]

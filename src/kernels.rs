@@ -1,6 +1,6 @@
 //! The WGSL kernels (`shaders/`): pipelines and bind groups, made once per optimizer.
 
-use crate::buffers::{ParamBuffers, Region};
+use crate::buffers::{ParamBuffers, Region, Segment};
 use crate::config::{NonFinitePolicy, PolyakConfig, Variant};
 use crate::context::GpuContext;
 use wgpu::util::DeviceExt;
@@ -83,6 +83,34 @@ pub(crate) struct Kernels {
 /// `len` elements of `region`, as a binding.
 fn resource(region: &Region, len: usize) -> wgpu::BindingResource<'_> {
     wgpu::BindingResource::Buffer(region.binding(len))
+}
+
+/// Bind group entries of a batch's vectors as the update and the checking norm
+/// lay them out: the parameters, the gradient and the velocity (where there is
+/// one) of segment `k` at bindings `first + 3k`, `+ 1` and `+ 2`.
+fn vector_entries(segs: &[Segment], first: u32) -> Vec<(u32, wgpu::BindingResource<'_>)> {
+    let mut entries = Vec::with_capacity(3 * segs.len());
+    for (k, s) in (first..).step_by(3).zip(segs) {
+        entries.push((k, resource(&s.params, s.len)));
+        entries.push((k + 1, resource(&s.grads, s.len)));
+        if let Some(v) = &s.velocity {
+            entries.push((k + 2, resource(v, s.len)));
+        }
+    }
+    entries
+}
+
+/// The same layout as the shaders' placeholders: `$K` and the bindings `$BP`,
+/// `$BG`, `$BV` of segment `k`.
+fn vector_placeholders(first: usize) -> impl Fn(usize) -> Vec<(&'static str, usize)> {
+    move |k| {
+        vec![
+            ("$K", k),
+            ("$BP", first + 3 * k),
+            ("$BG", first + 1 + 3 * k),
+            ("$BV", first + 2 + 3 * k),
+        ]
+    }
 }
 
 pub(crate) fn pipeline(
@@ -336,13 +364,7 @@ impl Kernels {
                     // (only `momentum` reads it)
                     entries.push((3, bufs.scalars.buffer.as_entire_binding()));
                 }
-                for (k, s) in (4..).step_by(3).zip(segs) {
-                    entries.push((k, resource(&s.params, s.len)));
-                    entries.push((k + 1, resource(&s.grads, s.len)));
-                    if let Some(v) = &s.velocity {
-                        entries.push((k + 2, resource(v, s.len)));
-                    }
-                }
+                entries.extend(vector_entries(segs, 4));
             } else {
                 for (k, s) in (2..).zip(segs) {
                     entries.push((k, resource(&s.grads, s.len)));
@@ -369,13 +391,7 @@ impl Kernels {
                 (0, bufs.scalars.buffer.as_entire_binding()),
                 (1, geo.as_entire_binding()),
             ];
-            for (k, s) in (2..).step_by(3).zip(segs) {
-                entries.push((k, resource(&s.params, s.len)));
-                entries.push((k + 1, resource(&s.grads, s.len)));
-                if let Some(v) = &s.velocity {
-                    entries.push((k + 2, resource(v, s.len)));
-                }
-            }
+            entries.extend(vector_entries(segs, 2));
             kernels.update.push(Dispatch {
                 group: bind_group(ctx, &kernels.pipelines[pipeline], &entries),
                 pipeline,
@@ -413,25 +429,17 @@ impl Kernels {
         let constants = ctx.kernel_constants();
         let compiled = match pass {
             Pass::Update => {
-                let text = source(include_str!("../shaders/update.wgsl"), &|k| {
-                    vec![
-                        ("$K", k),
-                        ("$BP", 2 + 3 * k),
-                        ("$BG", 3 + 3 * k),
-                        ("$BV", 4 + 3 * k),
-                    ]
-                });
+                let text = source(
+                    include_str!("../shaders/update.wgsl"),
+                    &vector_placeholders(2),
+                );
                 pipeline(ctx, &module(ctx, "update", text), entry, &constants)
             }
             Pass::Norm if config.check_overflow => {
-                let text = source(include_str!("../shaders/norm_guard.wgsl"), &|k| {
-                    vec![
-                        ("$K", k),
-                        ("$BP", 4 + 3 * k),
-                        ("$BG", 5 + 3 * k),
-                        ("$BV", 6 + 3 * k),
-                    ]
-                });
+                let text = source(
+                    include_str!("../shaders/norm_guard.wgsl"),
+                    &vector_placeholders(4),
+                );
                 pipeline(ctx, &module(ctx, "norm_guard", text), entry, &constants)
             }
             Pass::Norm => {

@@ -332,43 +332,36 @@ impl PolyakConfig {
     /// as before (and the same `velocity_dtype` with it), the same
     /// `check_overflow`, and `sync_every` at most `slots` (its readback slots).
     pub(crate) fn fits(&self, built: &PolyakConfig, slots: usize) -> Result<()> {
-        let fixed = |option, value: String, reason| {
-            Err(Error::InvalidOption {
-                option,
-                value,
-                reason,
-            })
-        };
         if self.dtype != built.dtype {
-            return fixed(
+            return invalid(
                 "dtype",
                 format!("{:?}", self.dtype),
                 "fixed when the optimizer is built",
             );
         }
         if (self.momentum == 0.0) != (built.momentum == 0.0) {
-            return fixed(
+            return invalid(
                 "momentum",
                 self.momentum.to_string(),
                 "may change, but not to or from 0 (the velocity is allocated at build)",
             );
         }
         if self.velocity_bytes() != built.velocity_bytes() {
-            return fixed(
+            return invalid(
                 "velocity_dtype",
                 format!("{:?}", self.velocity_dtype),
                 "fixed when the optimizer is built",
             );
         }
         if self.check_overflow != built.check_overflow {
-            return fixed(
+            return invalid(
                 "check_overflow",
                 self.check_overflow.to_string(),
                 "fixed when the optimizer is built (it has its own norm kernel)",
             );
         }
         if self.sync_every > slots {
-            return fixed(
+            return invalid(
                 "sync_every",
                 self.sync_every.to_string(),
                 "at most the value the optimizer was built with (its readback slots)",
@@ -379,58 +372,60 @@ impl PolyakConfig {
 
     /// Checks every option's domain; the solvers call this before doing anything.
     pub fn validate(&self) -> Result<()> {
-        let bad = |option, value: f64, reason| {
-            Err(Error::InvalidOption {
-                option,
-                value: value.to_string(),
-                reason,
-            })
-        };
         if !(0.0..1.0).contains(&self.momentum) {
-            return bad("momentum", self.momentum, "must be in [0, 1)");
+            return invalid("momentum", self.momentum, "must be in [0, 1)");
         }
         if !(self.delta >= 0.0 && self.delta.is_finite()) {
-            return bad("delta", self.delta, "must be finite and >= 0");
+            return invalid("delta", self.delta, "must be finite and >= 0");
         }
         if self.max_stepsize.is_nan() || self.max_stepsize <= 0.0 {
-            return bad("max_stepsize", self.max_stepsize, "must be > 0 (not NaN)");
+            return invalid("max_stepsize", self.max_stepsize, "must be > 0 (not NaN)");
         }
         if self.fun_min.is_nan() {
-            return bad("fun_min", self.fun_min, "must not be NaN");
+            return invalid("fun_min", self.fun_min, "must not be NaN");
         }
         if self.tol.is_nan() {
-            return bad("tol", self.tol, "must not be NaN");
+            return invalid("tol", self.tol, "must not be NaN");
         }
         if self.dtype == ParamDtype::F64 && self.velocity_dtype == VelocityDtype::F16 {
-            return bad(
+            return invalid(
                 "velocity_dtype",
                 16.0,
                 "an f16 velocity goes with f32 parameters only",
             );
         }
         if self.sync_every == 0 || self.sync_every > MAX_SYNC_EVERY {
-            return bad(
+            return invalid(
                 "sync_every",
                 self.sync_every as f64,
                 "must be in 1..=65536 (a readback slot per step)",
             );
         }
         if self.sync_every > 1 && self.stepsize_mode != StepSizeMode::Device {
-            return bad(
+            return invalid(
                 "sync_every",
                 self.sync_every as f64,
                 "above 1 needs stepsize_mode Device (the host rule waits every step)",
             );
         }
         if self.check_overflow && self.nonfinite == NonFinitePolicy::Propagate {
-            return Err(Error::InvalidOption {
-                option: "check_overflow",
-                value: "true".into(),
-                reason: "refuses or skips steps: not with NonFinitePolicy::Propagate",
-            });
+            return invalid(
+                "check_overflow",
+                true,
+                "refuses or skips steps: not with NonFinitePolicy::Propagate",
+            );
         }
         Ok(())
     }
+}
+
+/// [`Error::InvalidOption`] for `option` at `value`.
+fn invalid(option: &'static str, value: impl ToString, reason: &'static str) -> Result<()> {
+    Err(Error::InvalidOption {
+        option,
+        value: value.to_string(),
+        reason,
+    })
 }
 
 #[cfg(test)]

@@ -5,7 +5,7 @@
 
 mod common;
 
-use common::{ctx, ctx_with_segments};
+use common::{bits, ctx, ctx_with_segments, fixed_f64};
 use polyak_gpu::{
     Error, Evaluation, Loss, NonFinitePolicy, ParamDtype, PolyakConfig, PolyakSgd, State,
     StepSizeMode, TensorSpec, Variant,
@@ -24,10 +24,7 @@ fn config(dtype: ParamDtype, momentum: f64, mode: StepSizeMode) -> PolyakConfig 
 const G: [f64; 4] = [-1.0, 0.5, 0.25, 0.0]; // |g|^2 = 1.3125
 
 fn objective(loss: f64) -> impl Fn(&mut Evaluation<'_>) -> polyak_gpu::Result<(Loss, ())> {
-    move |ev| {
-        ev.write_grads_f64(&G)?;
-        Ok((Loss::Host(loss), ()))
-    }
+    fixed_f64(&G, loss)
 }
 
 /// The largest finite value of `dtype`.
@@ -36,16 +33,6 @@ fn largest(dtype: ParamDtype) -> f64 {
         ParamDtype::F64 => f64::MAX,
         _ => f64::from(f32::MAX),
     }
-}
-
-/// Parameters and velocity, as bits.
-fn bits(opt: &PolyakSgd) -> Vec<u64> {
-    let p = opt.buffers().download_params_f64().unwrap();
-    let v = opt.buffers().download_velocity_f64().unwrap();
-    p.iter()
-        .chain(v.iter().flatten())
-        .map(|x| x.to_bits())
-        .collect()
 }
 
 /// An optimizer whose first parameter is 97% of the largest finite value.

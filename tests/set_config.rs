@@ -4,20 +4,13 @@
 
 mod common;
 
-use common::{ctx, fixed, random};
+use common::{bits, ctx, fixed, random};
 use polyak_gpu::{
     Error, NonFinitePolicy, ParamDtype, PolyakConfig, PolyakSgd, State, StepSizeMode, Variant,
     VelocityDtype,
 };
 
 const N: usize = 37;
-
-/// Parameters and velocity, as bits.
-fn bits(opt: &PolyakSgd) -> Vec<u32> {
-    let p = opt.download_params().unwrap();
-    let v = opt.download_velocity().unwrap().unwrap_or_default();
-    p.iter().chain(&v).map(|x| x.to_bits()).collect()
-}
 
 /// Updates `k` in `steps` from `state` on fixed gradients.
 fn updates(opt: &mut PolyakSgd, mut state: State, steps: std::ops::Range<u64>) -> State {

@@ -5,7 +5,7 @@
 
 mod common;
 
-use common::two_steps_in;
+use common::{bits, fixed_f64, two_steps_in};
 use polyak_gpu::conformance::SplitMix64;
 use polyak_gpu::{
     ContextOptions, Error, GpuContext, Loss, ParamDtype, PolyakConfig, PolyakSgd, StepSizeMode,
@@ -116,16 +116,6 @@ fn workgroup_sizes_the_device_cannot_take_are_refused() {
     assert_eq!(ctx.workgroup_size(), 64);
 }
 
-/// A host objective writing `g` (in the parameters' precision) with a loss of 3.
-fn writes(
-    g: &[f64],
-) -> impl Fn(&mut polyak_gpu::Evaluation<'_>) -> polyak_gpu::Result<(Loss, ())> + '_ {
-    move |ev| {
-        ev.write_grads_f64(g)?;
-        Ok((Loss::Host(3.0), ()))
-    }
-}
-
 #[test]
 fn unrolled_loops_give_the_same_bits() {
     // Odd tensor lengths over small segments (batched) and one long one; f32 with
@@ -166,18 +156,11 @@ fn unrolled_loops_give_the_same_bits() {
                     .stepsize_mode(StepSizeMode::Device);
                 let mut opt = PolyakSgd::with_tensors(&ctx, cfg, &specs).unwrap();
                 opt.buffers().upload_params_f64(&p0).unwrap();
-                let mut state = opt.init_state(writes(&grads[0])).unwrap();
+                let mut state = opt.init_state(fixed_f64(&grads[0], 3.0)).unwrap();
                 for g in &grads[1..] {
-                    state = opt.update(&state, writes(g)).unwrap();
+                    state = opt.update(&state, fixed_f64(g, 3.0)).unwrap();
                 }
-                let p = opt.buffers().download_params_f64().unwrap();
-                let v = opt.buffers().download_velocity_f64().unwrap();
-                let bits: Vec<u64> = p
-                    .iter()
-                    .chain(v.iter().flatten())
-                    .map(|x| x.to_bits())
-                    .collect();
-                runs.push((state, bits));
+                runs.push((state, bits(&opt)));
             }
             assert!(
                 runs[0].1.iter().zip(&p0).any(|(&b, &x)| b != x.to_bits()),

@@ -125,6 +125,29 @@ pub fn fixed(
     }
 }
 
+/// A host objective writing `g` (rounded to the parameters' precision) and
+/// reporting `value`.
+pub fn fixed_f64(
+    g: &[f64],
+    value: f64,
+) -> impl Fn(&mut Evaluation<'_>) -> polyak_gpu::Result<(Loss, ())> + '_ {
+    move |ev| {
+        ev.write_grads_f64(g)?;
+        Ok((Loss::Host(value), ()))
+    }
+}
+
+/// The parameters, then the velocity (none without momentum), as the bits of their
+/// f64 values: exact whatever the storage type.
+pub fn bits(opt: &PolyakSgd) -> Vec<u64> {
+    let p = opt.buffers().download_params_f64().unwrap();
+    let v = opt.buffers().download_velocity_f64().unwrap();
+    p.iter()
+        .chain(v.iter().flatten())
+        .map(|x| x.to_bits())
+        .collect()
+}
+
 /// Checks one update against f64 arithmetic on the same f32 inputs; returns the
 /// velocity the reference expects.
 pub fn check_step(

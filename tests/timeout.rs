@@ -6,6 +6,7 @@ mod common;
 use common::{check_step, fixed, random};
 use polyak_gpu::{
     ContextOptions, Error, Evaluation, GpuContext, Loss, PolyakConfig, PolyakSgd, StepSizeMode,
+    WaitMode,
 };
 use std::time::{Duration, Instant};
 
@@ -103,14 +104,16 @@ fn wait_out(ctx: &GpuContext) {
 
 /// One step whose objective spins past a 100 ms timeout, then normal steps.
 /// Returns the parameters after the slow step's work was waited out.
-fn slow_step_then_go_on(mode: StepSizeMode) -> (Vec<f32>, Vec<f32>) {
+fn slow_step_then_go_on(mode: StepSizeMode, wait: WaitMode) -> (Vec<f32>, Vec<f32>) {
     let timeout = Duration::from_millis(100);
     let ctx = GpuContext::with_options(ContextOptions {
         wait_timeout: Some(timeout),
+        wait_mode: wait,
         ..Default::default()
     })
     .expect("a wgpu adapter");
     assert_eq!(ctx.wait_timeout(), timeout);
+    assert_eq!(ctx.wait_mode(), wait);
     let n = 1001;
     let (p0, g) = (random(1, n), random(2, n));
     let cfg = PolyakConfig::default().momentum(0.9).stepsize_mode(mode);
@@ -147,14 +150,60 @@ fn slow_step_then_go_on(mode: StepSizeMode) -> (Vec<f32>, Vec<f32>) {
 #[test]
 fn a_timed_out_host_mode_step_leaves_the_parameters_as_they_were() {
     // The update is submitted only after the readback: it never was.
-    let (p0, after) = slow_step_then_go_on(StepSizeMode::Host);
+    let (p0, after) = slow_step_then_go_on(StepSizeMode::Host, WaitMode::Block);
     assert_eq!(after, p0);
+}
+
+#[test]
+fn a_spinning_wait_gives_up_on_time_too() {
+    let (p0, after) = slow_step_then_go_on(StepSizeMode::Host, WaitMode::Spin);
+    assert_eq!(after, p0);
+    let (p0, after) = slow_step_then_go_on(StepSizeMode::Device, WaitMode::Spin);
+    assert_ne!(after, p0);
+}
+
+/// Ten steps of a momentum run whose objective keeps the device busy first (so a
+/// wait that returned before the work was done would read no scalars or those of
+/// the step before), pipelined or not: the last state and the bits of the
+/// parameters and velocity.
+fn busy_run(wait: WaitMode, mode: StepSizeMode, sync_every: usize) -> (String, Vec<u64>) {
+    let ctx = common::ctx();
+    ctx.set_wait_mode(wait);
+    assert_eq!(ctx.wait_mode(), wait);
+    let n = 4099;
+    let cfg = PolyakConfig::default()
+        .momentum(0.9)
+        .stepsize_mode(mode)
+        .sync_every(sync_every);
+    let mut opt = PolyakSgd::new(&ctx, cfg, &random(1, n)).unwrap();
+    let spin = Spin::lasting(&ctx, Duration::from_millis(20));
+    let busy = |ev: &mut Evaluation<'_>, k: &usize| {
+        spin.encode(ev.encoder());
+        ev.write_grads(&random(10 + *k as u64, n))?;
+        Ok((Loss::Host(0.5 + *k as f64), ()))
+    };
+    let state = opt.run_iterator(busy, 0..11).unwrap();
+    assert_eq!(state.iter_num, 10);
+    (format!("{state:?}"), common::bits(&opt))
+}
+
+#[test]
+fn spinning_and_blocking_waits_give_the_same_steps() {
+    for (mode, sync_every) in [
+        (StepSizeMode::Host, 1),
+        (StepSizeMode::Device, 1),
+        (StepSizeMode::Device, 4),
+    ] {
+        let block = busy_run(WaitMode::Block, mode, sync_every);
+        let spin = busy_run(WaitMode::Spin, mode, sync_every);
+        assert_eq!(block, spin, "{mode:?}, {sync_every} steps per wait");
+    }
 }
 
 #[test]
 fn a_timed_out_device_mode_step_still_lands_once_its_work_is_done() {
     // The update is in the same submission as the objective, as documented.
-    let (p0, after) = slow_step_then_go_on(StepSizeMode::Device);
+    let (p0, after) = slow_step_then_go_on(StepSizeMode::Device, WaitMode::Block);
     assert_ne!(after, p0);
 }
 

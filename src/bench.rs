@@ -96,7 +96,7 @@ pub struct CopyBench {
     group: wgpu::BindGroup,
     dispatch: (u32, u32),
     n: usize,
-    _buffers: [wgpu::Buffer; 3],
+    buffers: [wgpu::Buffer; 3],
 }
 
 impl CopyBench {
@@ -120,8 +120,12 @@ impl CopyBench {
                 mapped_at_creation: false,
             })
         };
-        let src = buffer(wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_DST);
-        let dst = buffer(wgpu::BufferUsages::STORAGE);
+        let src = buffer(
+            wgpu::BufferUsages::STORAGE
+                | wgpu::BufferUsages::COPY_DST
+                | wgpu::BufferUsages::COPY_SRC,
+        );
+        let dst = buffer(wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_DST);
         let geometry = Geometry::new(n4, ctx.max_workgroups(), ctx.workgroup_size());
         let dispatch = geometry.dispatch();
         // `Geometry` of bench_copy.wgsl: the segment's, and the grid's width
@@ -150,23 +154,41 @@ impl CopyBench {
             group,
             dispatch,
             n: n4 as usize * 4,
-            _buffers: [src, dst, geo],
+            buffers: [src, dst, geo],
         })
     }
 
-    /// Runs `reps` copies back to back in one submission after one warm-up copy, and
-    /// returns the best of three such runs in GB/s (bytes read + written).
+    /// Runs `reps` copies by the vec4 copy kernel back to back in one submission
+    /// after one warm-up copy, and returns the best of three such runs in GB/s
+    /// (bytes read + written).
     pub fn gbps(&self, reps: usize) -> Result<f64> {
+        self.best_of_three(reps, |encoder| {
+            let mut pass = encoder.begin_compute_pass(&Default::default());
+            pass.set_pipeline(&self.pipeline);
+            pass.set_bind_group(0, &self.group, &[]);
+            pass.dispatch_workgroups(self.dispatch.0, self.dispatch.1, 1);
+        })
+    }
+
+    /// Like [`gbps`](Self::gbps) with the driver's own buffer-to-buffer copy
+    /// (`copy_buffer_to_buffer`, which may use a copy engine or a tuned kernel): the
+    /// stricter floor where it is faster than ours.
+    pub fn transfer_gbps(&self, reps: usize) -> Result<f64> {
+        let [src, dst, _] = &self.buffers;
+        self.best_of_three(reps, |encoder| {
+            encoder.copy_buffer_to_buffer(src, 0, dst, 0, src.size());
+        })
+    }
+
+    /// Best GB/s of three submissions of `reps` copies each, after one of a single copy.
+    fn best_of_three(&self, reps: usize, copy: impl Fn(&mut wgpu::CommandEncoder)) -> Result<f64> {
         let run = |reps: usize| -> Result<f64> {
             let mut encoder = self
                 .ctx
                 .device()
                 .create_command_encoder(&Default::default());
             for _ in 0..reps {
-                let mut pass = encoder.begin_compute_pass(&Default::default());
-                pass.set_pipeline(&self.pipeline);
-                pass.set_bind_group(0, &self.group, &[]);
-                pass.dispatch_workgroups(self.dispatch.0, self.dispatch.1, 1);
+                copy(&mut encoder);
             }
             let t0 = std::time::Instant::now();
             self.ctx.queue().submit([encoder.finish()]);

@@ -4,13 +4,17 @@
 # test binaries of benches/gpu/tests.txt: step-size modes, pipelining, the
 # objective's norm, f16 velocity, f64, randomized configurations, checkpoints, ...),
 # polyak-bench with the host rule, the device rule and pipelined, the peers, then
-# the objective's norm, f16 velocity, f64, overflow-check, workgroup-size and unroll benches,
+# spinning waits (every polyak-bench run also times the fixed cost both ways), the
+# objective's norm, f16 velocity, f64, overflow-check, workgroup-size and unroll benches,
 # 300 user tensors in separate
 # buffers and in one arena, the MLP example and an
 # out-of-memory probe. The log in $OUT grows as it goes, so a cut-off call still
 # returns what ran. Prepare with benches/gpu/prepare.sh; DRY=1 tries it here.
 set -u
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
+# At most 8 files come back from $OUT: the JSON of every run goes to $J, packed
+# into $OUT/json.tar at each step (so a cut-off call still returns what ran).
+J=/tmp/check-json; rm -rf "$J"; mkdir -p "$J"
 B=/tmp/gpu-bin # unpacked from gpu-bin/bin.tar.xz below
 SIZES=${SIZES:-1e4,1e6,1e7,1e8,1e9}
 MORE=${MORE:-1e4,1e8,1e9}
@@ -24,9 +28,9 @@ if [ -z "${DRY:-}" ]; then
     export PYTHONPATH=/tmp/site
 fi
 rm -rf "$B" && python3 -c 'import tarfile; tarfile.open("gpu-bin/bin.tar.xz").extractall("/tmp")' || exit 1
-step() { echo; echo "=== $* ($(date +%T))"; }
+step() { tar -C "$J" -cf "$OUT/json.tar" .; echo; echo "=== $* ($(date +%T))"; }
 tests() { timeout 60 "$B/test-$1" --test-threads 1 2>&1 | grep -E "test result|panicked|FAILED" | head; }
-bench() { local name=$1; shift; timeout 90 $B/polyak-bench --cpu-max 1 --json "$OUT/bench-$name.json" "$@" 2>&1; }
+bench() { local name=$1; shift; timeout 90 $B/polyak-bench --cpu-max 1 --json "$J/bench-$name.json" "$@" 2>&1; }
 {
   step card; nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv 2>&1
   step conformance: f32 host rule, f32 device rule, f64
@@ -35,10 +39,14 @@ bench() { local name=$1; shift; timeout 90 $B/polyak-bench --cpu-max 1 --json "$
   timeout 40 $B/conformance $REF --f64 2>&1 | tail -10
   step tests: $(tr '\n' ' ' < benches/gpu/tests.txt)
   for t in $(cat benches/gpu/tests.txt); do echo "$t:"; tests $t; done
-  step polyak-bench host; timeout 150 $B/polyak-bench --sizes "$SIZES" --json "$OUT/bench-host.json" 2>&1
+  step polyak-bench host; timeout 150 $B/polyak-bench --sizes "$SIZES" --json "$J/bench-host.json" 2>&1
   step polyak-bench device; bench device --sizes "$SIZES" --momentum on --stepsize device
   step polyak-bench device, 16 steps per wait; bench pipelined --sizes "$SIZES" --momentum on --stepsize device --sync-every 16
-  step peers; PYTHONUNBUFFERED=1 timeout 120 python3 benches/peers/peers.py --sizes "$PEERS" --reps 20 --json "$OUT/peers.json" 2>&1 | grep -v -i warn
+  step peers; PYTHONUNBUFFERED=1 timeout 180 python3 benches/peers/peers.py --sizes "$PEERS" --reps 20 --json "$J/peers.json" 2>&1 | grep -v -i warn
+  step polyak-bench, spinning waits: host rule, device rule, deferred updates
+  bench spin-host --sizes 1e4,1e6,1e7,1e8 --wait spin
+  bench spin-device --sizes 1e4,1e8 --momentum on --stepsize device --wait spin
+  bench spin-deferred --sizes 1e4,1e8 --momentum on --deferred on --wait spin
   step polyak-bench, norm from the objective; bench objective-norm --sizes "$MORE" --stepsize device --norm-from-objective on
   step polyak-bench, f16 velocity; bench f16 --sizes "$MORE" --momentum on --stepsize device --velocity f16
   step polyak-bench, f64 parameters; bench f64 --sizes "$MORE" --momentum on --stepsize device --dtype f64

@@ -10,6 +10,7 @@ use polyak_gpu::bench::{self, CopyBench, CpuBaseline, fill};
 use polyak_gpu::{
     AdapterChoice, ContextOptions, Evaluation, ExternalTensor, GpuContext, Loss, ParamDtype,
     PolyakConfig, PolyakSgd, PolyakSgdBuilder, Result, StepSizeMode, TensorSpec, VelocityDtype,
+    WaitMode,
 };
 use serde_json::{Value, json};
 use std::time::Instant;
@@ -29,6 +30,8 @@ options:
   --unroll U          vec4s each invocation loads per loop iteration: 1, 2, 4, 8
                       (default 1)
   --deferred on|off   submit each update with the next step (default off)
+  --wait block|spin   how each wait for the GPU waits (default block; the fixed
+                      overhead is measured both ways whatever this says)
   --stepsize M        host | device: where the step size is computed (default host;
                       the fixed overhead is measured every way whatever this says)
   --sync-every K      with --stepsize device: steps submitted per wait (default 1)
@@ -65,6 +68,7 @@ struct Args {
     max_workgroups: Option<u32>,
     workgroup_size: Option<u32>,
     unroll: Option<u32>,
+    wait: WaitMode,
     deferred: bool,
     stepsize: StepSizeMode,
     sync_every: usize,
@@ -97,6 +101,7 @@ fn parse_args() -> std::result::Result<Args, String> {
         max_workgroups: None,
         workgroup_size: None,
         unroll: None,
+        wait: WaitMode::Block,
         deferred: false,
         stepsize: StepSizeMode::Host,
         sync_every: 1,
@@ -143,6 +148,13 @@ fn parse_args() -> std::result::Result<Args, String> {
             "--workgroup-size" => a.workgroup_size = Some(parse_count(&value)? as u32),
             "--unroll" => a.unroll = Some(parse_count(&value)? as u32),
             "--deferred" => a.deferred = value == "on",
+            "--wait" => {
+                a.wait = match value.as_str() {
+                    "block" => WaitMode::Block,
+                    "spin" => WaitMode::Spin,
+                    _ => return Err(format!("--wait: block or spin, not {value:?}")),
+                }
+            }
             "--stepsize" => {
                 a.stepsize = match value.as_str() {
                     "host" => StepSizeMode::Host,
@@ -303,6 +315,13 @@ fn fixed_overhead(
     Ok(stats(&mut times).0)
 }
 
+fn wait_name(w: WaitMode) -> &'static str {
+    match w {
+        WaitMode::Block => "block",
+        WaitMode::Spin => "spin",
+    }
+}
+
 fn mode_name(m: StepSizeMode) -> &'static str {
     match m {
         StepSizeMode::Host => "host",
@@ -333,6 +352,7 @@ fn run(args: &Args) -> Result<()> {
         max_workgroups: args.max_workgroups,
         workgroup_size: args.workgroup_size,
         unroll: args.unroll,
+        wait_mode: args.wait,
         // One copy-rate run is 20 copies in one submission: about a minute at 1e9
         // on lavapipe, past the default wait timeout.
         wait_timeout: Some(std::time::Duration::MAX),
@@ -362,23 +382,57 @@ fn run(args: &Args) -> Result<()> {
         .min(ctx.limits().max_buffer_size)
         / 4;
     let copy_n = (1usize << 26).min(cap as usize);
-    let copy_gbps = CopyBench::new(&ctx, copy_n)?.gbps(20)?;
-    println!("copy rate: {copy_gbps:.1} GB/s (vec4 copy kernel, {copy_n} f32, read + write)");
+    // The floor is the faster of two copies of the same bytes: our vec4 copy kernel
+    // (the same walk as the step) and the driver's buffer-to-buffer copy.
+    let copy = CopyBench::new(&ctx, copy_n)?;
+    let kernel_gbps = copy.gbps(20)?;
+    let transfer_gbps = copy.transfer_gbps(20)?;
+    drop(copy);
+    let copy_gbps = kernel_gbps.max(transfer_gbps);
+    println!(
+        "copy rate: {copy_gbps:.1} GB/s ({kernel_gbps:.1} by the vec4 copy kernel, \
+         {transfer_gbps:.1} by copy_buffer_to_buffer; {copy_n} f32, read + write)"
+    );
 
-    // Fixed cost of a step, with the step size computed on either side.
-    let overhead_host_ms = fixed_overhead(&ctx, args, StepSizeMode::Host, 1)?;
-    let overhead_device_ms = fixed_overhead(&ctx, args, StepSizeMode::Device, 1)?;
-    let overhead_pipelined_ms = fixed_overhead(&ctx, args, StepSizeMode::Device, PIPELINE)?;
+    // Fixed cost of a step, with the step size computed on either side, and with
+    // the other way of waiting too (then back to the one asked for).
+    let other = match args.wait {
+        WaitMode::Block => WaitMode::Spin,
+        WaitMode::Spin => WaitMode::Block,
+    };
+    let mut by_wait = serde_json::Map::new();
+    for wait in [other, args.wait] {
+        ctx.set_wait_mode(wait);
+        let ms = [
+            fixed_overhead(&ctx, args, StepSizeMode::Host, 1)?,
+            fixed_overhead(&ctx, args, StepSizeMode::Device, 1)?,
+            fixed_overhead(&ctx, args, StepSizeMode::Device, PIPELINE)?,
+        ];
+        println!(
+            "fixed per-step overhead (N = 4), {} waits: {:.4} ms with the step size on \
+             the host, {:.4} ms on the device, {:.4} ms on the device with {PIPELINE} steps \
+             per wait",
+            wait_name(wait),
+            ms[0],
+            ms[1],
+            ms[2]
+        );
+        by_wait.insert(
+            wait_name(wait).into(),
+            json!({"host": ms[0], "device": ms[1], "pipelined": ms[2]}),
+        );
+    }
+    let [overhead_host_ms, overhead_device_ms, overhead_pipelined_ms] =
+        ["host", "device", "pipelined"].map(|k| {
+            by_wait[wait_name(args.wait)][k]
+                .as_f64()
+                .unwrap_or(f64::NAN)
+        });
     let overhead_ms = match (args.stepsize, args.sync_every) {
         (StepSizeMode::Host, _) => overhead_host_ms,
         (StepSizeMode::Device, 1) => overhead_device_ms,
         (StepSizeMode::Device, k) => fixed_overhead(&ctx, args, StepSizeMode::Device, k)?,
     };
-    println!(
-        "fixed per-step overhead (N = 4): {overhead_host_ms:.4} ms with the step size on the \
-         host, {overhead_device_ms:.4} ms on the device, {overhead_pipelined_ms:.4} ms on the \
-         device with {PIPELINE} steps per wait"
-    );
     println!(
         "rows below: step size on the {}, {} step(s) per wait, {} tensor(s) in {} buffers\n",
         mode_name(args.stepsize),
@@ -422,7 +476,7 @@ fn run(args: &Args) -> Result<()> {
     bar.finish_and_clear();
 
     println!(
-        "{:>12} {:>4} {:>10} {:>17} {:>9} {:>9} {:>8} {:>9} {:>7} {:>10} {:>8}",
+        "{:>12} {:>4} {:>10} {:>17} {:>9} {:>9} {:>8} {:>9} {:>7} {:>6} {:>10} {:>8}",
         "N",
         "mom",
         "step ms",
@@ -432,6 +486,7 @@ fn run(args: &Args) -> Result<()> {
         "GB/s",
         "floor ms",
         "%floor",
+        "dev%",
         "CPU ms",
         "CPU/GPU"
     );
@@ -447,7 +502,7 @@ fn run(args: &Args) -> Result<()> {
             continue;
         }
         println!(
-            "{:>12} {:>4} {:>10.4} {:>8.4}-{:<8.4} {:>9.4} {:>9.4} {:>8.1} {:>9.4} {:>6.1}% {:>10} {:>8}",
+            "{:>12} {:>4} {:>10.4} {:>8.4}-{:<8.4} {:>9.4} {:>9.4} {:>8.1} {:>9.4} {:>6.1}% {:>5.0}% {:>10} {:>8}",
             r["n"].as_u64().unwrap_or(0),
             mom(r),
             f("step_ms"),
@@ -458,6 +513,7 @@ fn run(args: &Args) -> Result<()> {
             f("gbps"),
             f("floor_ms"),
             f("pct_of_floor"),
+            f("device_pct_of_floor"),
             r["cpu_ms"]
                 .as_f64()
                 .map_or("-".into(), |v| format!("{v:.4}")),
@@ -471,7 +527,10 @@ fn run(args: &Args) -> Result<()> {
         bytes_per_param(args, true),
         bytes_per_param(args, false)
     );
-    println!("%floor = floor / step time (100% = as fast as a copy of the same bytes)");
+    println!(
+        "%floor = floor / step time (100% = as fast as a copy of the same bytes); \
+         dev% = floor / (norm + update device time)"
+    );
     println!("peak host RSS: {:.0} MiB", bench::peak_rss_mib());
 
     if let Some(path) = &args.json {
@@ -487,10 +546,14 @@ fn run(args: &Args) -> Result<()> {
             "deferred_updates": args.deferred,
             "stepsize_mode": mode_name(args.stepsize),
             "copy_GBps": copy_gbps,
+            "copy_kernel_GBps": kernel_gbps,
+            "copy_buffer_to_buffer_GBps": transfer_gbps,
             "overhead_ms": overhead_ms,
             "overhead_host_ms": overhead_host_ms,
             "overhead_device_ms": overhead_device_ms,
             "overhead_pipelined_ms": overhead_pipelined_ms,
+            "wait_mode": wait_name(args.wait),
+            "overhead_ms_by_wait": by_wait,
             "pipelined_sync_every": PIPELINE,
             "sync_every": args.sync_every,
             "norm_from_objective": args.norm_from_objective,
@@ -653,6 +716,7 @@ fn measure(ctx: &GpuContext, args: &Args, n: usize, momentum: bool, copy_gbps: f
             "gbps": (bytes_per_param * n) as f64 / (med * 1e-3) / 1e9,
             "floor_ms": floor_ms,
             "pct_of_floor": 100.0 * floor_ms / med,
+            "device_pct_of_floor": 100.0 * floor_ms / (phases.norm_ms + phases.update_ms),
             "device_bytes": opt.device_bytes(),
             "scratch_bytes": opt.scratch_bytes(),
             "segments": opt.buffers().layout().segment_lens().len(),

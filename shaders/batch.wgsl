@@ -1,8 +1,10 @@
 // What norm_partials.wgsl and update.wgsl share, put in front of both by the host
 // (kernels.rs): one dispatch covers a batch of segments (a large segment alone, or
-// up to ten small ones, which would otherwise each pay a dispatch's fixed cost), and
-// every workgroup of the dispatch walks its share of every segment of the batch (a
-// batch of tiny segments is one workgroup, not one per segment).
+// up to 30 small ones, which would otherwise each pay a dispatch's fixed cost). Each
+// segment has its own range of the dispatch's workgroups: on a GPU the ranges
+// follow one another (every workgroup walks one segment, as alone), on a CPU
+// adapter they all are the whole dispatch (every workgroup walks its share of every
+// segment: a batch of tiny segments is one workgroup, not one per segment).
 //
 // WGSL cannot index bindings, so the host writes out each block of a kernel between
 // `@each` and `@end` once per segment of the batch, with `$K` the segment's index in
@@ -17,7 +19,7 @@ struct Geometry {
     n4: u32,     // length of the segment in vec4s
     chunk: u32,  // vec4s of one workgroup's share (the contiguous walk)
     groups: u32, // workgroups sharing the segment (the stride of the grid-stride walk)
-    _pad: u32,
+    first: u32,  // the first of them in the dispatch
 }
 
 const M: u32 = $Mu; // segments in the batch
@@ -53,7 +55,12 @@ fn workgroup_index(wid: vec3<u32>) -> u32 {
 
 // Invocation `lid` of workgroup `group`'s share of a segment: first index, end and
 // stride (an empty range where the segment has no share for this workgroup).
-fn walk(geo: Geometry, group: u32, lid: u32) -> vec3<u32> {
+fn walk(geo: Geometry, workgroup: u32, lid: u32) -> vec3<u32> {
+    // Workgroups outside the segment's range have no share of it (uniform).
+    if (workgroup < geo.first || workgroup - geo.first >= geo.groups) {
+        return vec3<u32>(0u, 0u, 1u);
+    }
+    let group = workgroup - geo.first;
     if (CONTIGUOUS) {
         let start = min(group * geo.chunk, geo.n4);
         let end = min(start + geo.chunk, geo.n4);

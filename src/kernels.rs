@@ -291,6 +291,8 @@ impl Kernels {
         bufs.scalars.write_options(config);
 
         let lens: Vec<usize> = bufs.segments.iter().map(|s| s.len).collect();
+        // Segments of a batch share its workgroups where those run a few at a time.
+        let shared = ctx.contiguous_invocations();
         // The norm pass binds every vector read-only: any small segments may share
         // its dispatches. None when the objective computes the norm.
         let mut ours = 0; // norm partials: one per workgroup of every batch
@@ -299,7 +301,7 @@ impl Kernels {
             None => batches(&lens, limits.norm, |_, _| false)
                 .into_iter()
                 .map(|batch| {
-                    let geometry = BatchGeometry::new(&geometries[batch.clone()], ours);
+                    let geometry = BatchGeometry::new(&geometries[batch.clone()], ours, shared);
                     ours += geometry.groups;
                     (batch, geometry)
                 })
@@ -380,7 +382,7 @@ impl Kernels {
         for batch in batches(&lens, limits.update, |i, j| {
             clash(&segments[i], &segments[j])
         }) {
-            let geometry = BatchGeometry::new(&geometries[batch.clone()], 0);
+            let geometry = BatchGeometry::new(&geometries[batch.clone()], 0, shared);
             let segs = &segments[batch];
             let pipeline = kernels.pipeline_for(ctx, bufs, config, Pass::Update, segs.len());
             let geo = geometry.uniform(ctx);

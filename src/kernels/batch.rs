@@ -77,7 +77,9 @@ pub(crate) struct Geometry {
     pub chunk: u32,
     /// Workgroups sharing the segment (the stride of the grid-stride walk).
     pub groups: u32,
-    pub pad: u32,
+    /// The first of them in the dispatch (0 but in a batch of segments that each
+    /// have their own workgroups).
+    pub first: u32,
 }
 
 impl Geometry {
@@ -93,7 +95,7 @@ impl Geometry {
             n4,
             chunk,
             groups,
-            pad: 0,
+            first: 0,
         }
     }
 
@@ -105,6 +107,11 @@ impl Geometry {
             groups,
             ..*self
         }
+    }
+
+    /// The same segment walked by workgroups `first..first + groups` of a dispatch.
+    fn from(&self, first: u32) -> Self {
+        Geometry { first, ..*self }
     }
 
     /// The `(x, y)` workgroup counts to dispatch.
@@ -154,11 +161,15 @@ pub(super) fn clash(a: &Segment, b: &Segment) -> bool {
     a.params.buffer == b.grads.buffer || a.grads.buffer == b.params.buffer
 }
 
-/// A batch's dispatch: as many workgroups as its largest segment wants, each
-/// walking its share of every segment (so a batch of tiny segments is one
-/// workgroup, not one per segment), and one norm partial per workgroup.
+/// A batch's dispatch, one norm partial per workgroup. `shared`: as many
+/// workgroups as its largest segment wants, each walking its share of every segment
+/// (a batch of tiny segments is one workgroup, not one per segment: best where
+/// workgroups run a few at a time, on a CPU adapter). Otherwise each segment gets
+/// workgroups of its own, one range after the other, as many as it would alone
+/// (best on a GPU, where a workgroup walking 30 segments in turn leaves the device
+/// idle: 300 tensors of 3,333 parameters were 4 workgroups a dispatch).
 pub(super) struct BatchGeometry {
-    /// Each segment's geometry, spread over the batch's workgroups.
+    /// Each segment's geometry within the batch's workgroups.
     segments: Vec<Geometry>,
     /// The batch's workgroups.
     pub(super) groups: u32,
@@ -167,11 +178,27 @@ pub(super) struct BatchGeometry {
 }
 
 impl BatchGeometry {
-    pub(super) fn new(geometries: &[Geometry], partial_base: u32) -> Self {
-        let groups = geometries.iter().map(|g| g.groups).max().unwrap_or(1);
-        let segments = match geometries {
-            [one] => vec![*one], // alone: exactly as Geometry::new laid it out
-            _ => geometries.iter().map(|g| g.spread(groups)).collect(),
+    pub(super) fn new(geometries: &[Geometry], partial_base: u32, shared: bool) -> Self {
+        let (segments, groups) = match geometries {
+            [one] => (vec![*one], one.groups), // alone: as Geometry::new laid it out
+            _ if shared => {
+                let groups = geometries.iter().map(|g| g.groups).max().unwrap_or(1);
+                (
+                    geometries.iter().map(|g| g.spread(groups)).collect(),
+                    groups,
+                )
+            }
+            _ => {
+                let mut next = 0;
+                let segments = geometries
+                    .iter()
+                    .map(|g| {
+                        next += g.groups;
+                        g.from(next - g.groups)
+                    })
+                    .collect();
+                (segments, next)
+            }
         };
         BatchGeometry {
             segments,
@@ -307,6 +334,38 @@ mod tests {
                 let (x, y) = g.dispatch();
                 assert!(x <= MAX_DIM && x * y >= g.groups);
             }
+        }
+    }
+
+    #[test]
+    fn a_batch_shares_its_workgroups_or_gives_each_segment_its_own() {
+        let geos = [4u32, 1, 3].map(|groups| Geometry {
+            n4: groups * 256,
+            chunk: 256,
+            groups,
+            first: 0,
+        });
+        // GPU: one range after the other, each as the segment alone
+        let own = BatchGeometry::new(&geos, 7, false);
+        assert_eq!(own.groups, 8);
+        assert_eq!(
+            own.segments.iter().map(|g| g.first).collect::<Vec<_>>(),
+            [0, 4, 5]
+        );
+        for (g, alone) in own.segments.iter().zip(&geos) {
+            assert_eq!(Geometry { first: 0, ..*g }, *alone);
+        }
+        // CPU adapter: every segment over all of the largest's workgroups
+        let shared = BatchGeometry::new(&geos, 7, true);
+        assert_eq!(shared.groups, 4);
+        for g in &shared.segments {
+            assert_eq!((g.groups, g.first), (4, 0));
+            assert!(g.groups * g.chunk >= g.n4);
+        }
+        // alone: the same either way
+        for layout in [true, false] {
+            let one = BatchGeometry::new(&geos[..1], 0, layout);
+            assert_eq!((one.groups, one.segments.as_slice()), (4, &geos[..1]));
         }
     }
 

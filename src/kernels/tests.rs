@@ -26,7 +26,7 @@ fn two_dimensional_dispatch_norm_and_update() {
             n4,
             chunk: 1,
             groups: n4,
-            pad: 0,
+            first: 0,
         };
         assert_eq!(geo.dispatch(), (MAX_DIM, 2));
         let kernels =

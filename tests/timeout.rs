@@ -108,7 +108,7 @@ fn slow_step_then_go_on(mode: StepSizeMode, wait: WaitMode) -> (Vec<f32>, Vec<f3
     let timeout = Duration::from_millis(100);
     let ctx = GpuContext::with_options(ContextOptions {
         wait_timeout: Some(timeout),
-        wait_mode: wait,
+        wait_mode: Some(wait),
         ..Default::default()
     })
     .expect("a wgpu adapter");
@@ -205,6 +205,22 @@ fn a_timed_out_device_mode_step_still_lands_once_its_work_is_done() {
     // The update is in the same submission as the objective, as documented.
     let (p0, after) = slow_step_then_go_on(StepSizeMode::Device, WaitMode::Block);
     assert_ne!(after, p0);
+}
+
+#[test]
+fn waits_spin_on_a_gpu_and_block_on_a_cpu_adapter_by_default() {
+    let ctx = common::ctx();
+    let cpu = ctx
+        .adapter_info()
+        .is_some_and(|i| i.device_type == wgpu::DeviceType::Cpu);
+    let expected = if cpu { WaitMode::Block } else { WaitMode::Spin };
+    assert_eq!(ctx.wait_mode(), expected);
+    // shared by clones, as the timeout
+    let clone = ctx.clone();
+    clone.set_wait_mode(WaitMode::Spin);
+    assert_eq!(ctx.wait_mode(), WaitMode::Spin);
+    clone.set_wait_mode(WaitMode::Block);
+    assert_eq!(ctx.wait_mode(), WaitMode::Block);
 }
 
 #[test]

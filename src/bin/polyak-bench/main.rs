@@ -30,8 +30,9 @@ options:
   --unroll U          vec4s each invocation loads per loop iteration: 1, 2, 4, 8
                       (default 1)
   --deferred on|off   submit each update with the next step (default off)
-  --wait block|spin   how each wait for the GPU waits (default block; the fixed
-                      overhead is measured both ways whatever this says)
+  --wait block|spin   how each wait for the GPU waits (default: spin on a GPU,
+                      block on a CPU adapter; the fixed overhead is measured both
+                      ways whatever this says)
   --stepsize M        host | device: where the step size is computed (default host;
                       the fixed overhead is measured every way whatever this says)
   --sync-every K      with --stepsize device: steps submitted per wait (default 1)
@@ -68,7 +69,7 @@ struct Args {
     max_workgroups: Option<u32>,
     workgroup_size: Option<u32>,
     unroll: Option<u32>,
-    wait: WaitMode,
+    wait: Option<WaitMode>,
     deferred: bool,
     stepsize: StepSizeMode,
     sync_every: usize,
@@ -101,7 +102,7 @@ fn parse_args() -> std::result::Result<Args, String> {
         max_workgroups: None,
         workgroup_size: None,
         unroll: None,
-        wait: WaitMode::Block,
+        wait: None,
         deferred: false,
         stepsize: StepSizeMode::Host,
         sync_every: 1,
@@ -150,8 +151,8 @@ fn parse_args() -> std::result::Result<Args, String> {
             "--deferred" => a.deferred = value == "on",
             "--wait" => {
                 a.wait = match value.as_str() {
-                    "block" => WaitMode::Block,
-                    "spin" => WaitMode::Spin,
+                    "block" => Some(WaitMode::Block),
+                    "spin" => Some(WaitMode::Spin),
                     _ => return Err(format!("--wait: block or spin, not {value:?}")),
                 }
             }
@@ -365,7 +366,7 @@ fn run(args: &Args) -> Result<()> {
         .contains(wgpu::Features::TIMESTAMP_QUERY);
     println!("adapter: {}", ctx.describe());
     println!(
-        "phase times from {}; {} workgroups max per dispatch, {} invocations each, {} vec4s per iteration",
+        "phase times from {}; {} workgroups max per dispatch, {} invocations each, {} vec4s per iteration; {} waits",
         if timestamps {
             "GPU timestamps"
         } else {
@@ -373,7 +374,8 @@ fn run(args: &Args) -> Result<()> {
         },
         ctx.max_workgroups(),
         ctx.workgroup_size(),
-        ctx.unroll()
+        ctx.unroll(),
+        wait_name(ctx.wait_mode())
     );
 
     let cap = ctx
@@ -381,9 +383,13 @@ fn run(args: &Args) -> Result<()> {
         .max_storage_buffer_binding_size
         .min(ctx.limits().max_buffer_size)
         / 4;
-    let copy_n = (1usize << 26).min(cap as usize);
     // The floor is the faster of two copies of the same bytes: our vec4 copy kernel
-    // (the same walk as the step) and the driver's buffer-to-buffer copy.
+    // (the same walk as the step) and the driver's buffer-to-buffer copy, each of
+    // the largest size asked for, from 2^24 to 2^28 f32 (on an H200 the kernel
+    // copied 256 MiB at 3.2-3.5 TB/s, below the step's own 4 TB/s at 1e8 and more:
+    // each copy's start and drain weigh more on a short one).
+    let largest = args.sizes.iter().copied().max().unwrap_or(0);
+    let copy_n = largest.clamp(1 << 24, 1 << 28).min(cap as usize);
     let copy = CopyBench::new(&ctx, copy_n)?;
     let kernel_gbps = copy.gbps(20)?;
     let transfer_gbps = copy.transfer_gbps(20)?;
@@ -396,12 +402,13 @@ fn run(args: &Args) -> Result<()> {
 
     // Fixed cost of a step, with the step size computed on either side, and with
     // the other way of waiting too (then back to the one asked for).
-    let other = match args.wait {
+    let wait = ctx.wait_mode();
+    let other = match wait {
         WaitMode::Block => WaitMode::Spin,
         WaitMode::Spin => WaitMode::Block,
     };
     let mut by_wait = serde_json::Map::new();
-    for wait in [other, args.wait] {
+    for wait in [other, wait] {
         ctx.set_wait_mode(wait);
         let ms = [
             fixed_overhead(&ctx, args, StepSizeMode::Host, 1)?,
@@ -423,11 +430,8 @@ fn run(args: &Args) -> Result<()> {
         );
     }
     let [overhead_host_ms, overhead_device_ms, overhead_pipelined_ms] =
-        ["host", "device", "pipelined"].map(|k| {
-            by_wait[wait_name(args.wait)][k]
-                .as_f64()
-                .unwrap_or(f64::NAN)
-        });
+        ["host", "device", "pipelined"]
+            .map(|k| by_wait[wait_name(wait)][k].as_f64().unwrap_or(f64::NAN));
     let overhead_ms = match (args.stepsize, args.sync_every) {
         (StepSizeMode::Host, _) => overhead_host_ms,
         (StepSizeMode::Device, 1) => overhead_device_ms,
@@ -552,7 +556,7 @@ fn run(args: &Args) -> Result<()> {
             "overhead_host_ms": overhead_host_ms,
             "overhead_device_ms": overhead_device_ms,
             "overhead_pipelined_ms": overhead_pipelined_ms,
-            "wait_mode": wait_name(args.wait),
+            "wait_mode": wait_name(wait),
             "overhead_ms_by_wait": by_wait,
             "pipelined_sync_every": PIPELINE,
             "sync_every": args.sync_every,

@@ -1,15 +1,16 @@
 #!/usr/bin/env bash
-# One device call (about 7-8 minutes on an H100/H200; run it with timeout_s 600), most
-# important first: GPU correctness (conformance on the f32 and f64 paths, then the
-# test binaries of benches/gpu/tests.txt: step-size modes, pipelining, the
-# objective's norm, f16 velocity, f64, randomized configurations, checkpoints, ...),
-# polyak-bench with the host rule, the device rule and pipelined, the peers, then
-# spinning waits (every polyak-bench run also times the fixed cost both ways), the
-# objective's norm, f16 velocity, f64, overflow-check, workgroup-size and unroll benches,
-# 300 user tensors in separate
-# buffers and in one arena, the MLP example and an
-# out-of-memory probe. The log in $OUT grows as it goes, so a cut-off call still
-# returns what ran. Prepare with benches/gpu/prepare.sh; DRY=1 tries it here.
+# One device call (3 min 47 s on an H200 on 2026-11-26; run it with timeout_s 600),
+# most important first: GPU correctness (conformance on the f32 and f64 paths, then
+# the test binaries of benches/gpu/tests.txt: the kernels against f64, step-size
+# modes, pipelining, the objective's norm, f16 velocity, f64, randomized
+# configurations, checkpoints, ...), polyak-bench with the host rule, the device
+# rule and pipelined, the peers, then blocking waits (every polyak-bench run also
+# times the fixed cost both ways), deferred updates, 300 tensors in separate buffers
+# and in one arena; then the objective's norm, f16 velocity, f64, overflow-check,
+# workgroup-size and unroll benches, the MLP example and an out-of-memory probe.
+# The log in $OUT grows as it goes, so a cut-off call still returns what ran.
+# Prepare with benches/gpu/prepare.sh; DRY=1 tries it here. QUICK=1 stops after the
+# 300-tensor benches; TESTS="lib solver ..." runs those test binaries only.
 set -u
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 # At most 8 files come back from $OUT: the JSON of every run goes to $J, packed
@@ -19,6 +20,7 @@ B=/tmp/gpu-bin # unpacked from gpu-bin/bin.tar.xz below
 SIZES=${SIZES:-1e4,1e6,1e7,1e8,1e9}
 MORE=${MORE:-1e4,1e8,1e9}
 PEERS=${PEERS:-1e4,1e8}
+TESTS=${TESTS:-$(cat benches/gpu/tests.txt)}
 REF=tests/data/jaxopt_polyak_reference.json
 export XDG_RUNTIME_DIR=/tmp
 if [ -z "${DRY:-}" ]; then
@@ -37,16 +39,20 @@ bench() { local name=$1; shift; timeout 90 $B/polyak-bench --cpu-max 1 --json "$
   timeout 40 $B/conformance $REF 2>&1 | tail -10
   timeout 40 $B/conformance $REF --device-step 2>&1 | tail -3
   timeout 40 $B/conformance $REF --f64 2>&1 | tail -10
-  step tests: $(tr '\n' ' ' < benches/gpu/tests.txt)
-  for t in $(cat benches/gpu/tests.txt); do echo "$t:"; tests $t; done
+  step tests: $TESTS
+  for t in $TESTS; do echo "$t:"; tests $t; done
   step polyak-bench host; timeout 150 $B/polyak-bench --sizes "$SIZES" --json "$J/bench-host.json" 2>&1
   step polyak-bench device; bench device --sizes "$SIZES" --momentum on --stepsize device
   step polyak-bench device, 16 steps per wait; bench pipelined --sizes "$SIZES" --momentum on --stepsize device --sync-every 16
   step peers; PYTHONUNBUFFERED=1 timeout 180 python3 benches/peers/peers.py --sizes "$PEERS" --reps 20 --json "$J/peers.json" 2>&1 | grep -v -i warn
-  step polyak-bench, spinning waits: host rule, device rule, deferred updates
-  bench spin-host --sizes 1e4,1e6,1e7,1e8 --wait spin
-  bench spin-device --sizes 1e4,1e8 --momentum on --stepsize device --wait spin
-  bench spin-deferred --sizes 1e4,1e8 --momentum on --deferred on --wait spin
+  step polyak-bench, blocking waits: host rule, device rule, deferred updates
+  bench block-host --sizes 1e4,1e6,1e7,1e8 --wait block
+  bench block-device --sizes 1e4,1e8 --momentum on --stepsize device --wait block
+  bench deferred --sizes 1e4,1e8 --momentum on --deferred on
+  step polyak-bench, 300 tensors: in separate user buffers, then back to back in one
+  bench tensors-separate --sizes 1e6,1e8 --momentum on --stepsize device --tensors 300 --tensors-in separate
+  bench tensors-arena --sizes 1e6,1e8 --momentum on --stepsize device --tensors 300 --tensors-in arena
+  if [ -n "${QUICK:-}" ]; then step done; exit; fi
   step polyak-bench, norm from the objective; bench objective-norm --sizes "$MORE" --stepsize device --norm-from-objective on
   step polyak-bench, f16 velocity; bench f16 --sizes "$MORE" --momentum on --stepsize device --velocity f16
   step polyak-bench, f64 parameters; bench f64 --sizes "$MORE" --momentum on --stepsize device --dtype f64
@@ -55,11 +61,8 @@ bench() { local name=$1; shift; timeout 90 $B/polyak-bench --cpu-max 1 --json "$
   for wg in 128 512 1024; do bench wg$wg --sizes 1e8 --momentum on --stepsize device --workgroup-size $wg; done
   step polyak-bench, 2, 4 and 8 vec4s per loop iteration at 1e8, 1 above
   for u in 2 4 8; do bench unroll$u --sizes 1e8 --momentum on --stepsize device --unroll $u; done
-  step polyak-bench, 300 tensors: in separate user buffers, then back to back in one
-  bench tensors-separate --sizes 1e6,1e8 --momentum on --stepsize device --tensors 300 --tensors-in separate
-  bench tensors-arena --sizes 1e6,1e8 --momentum on --stepsize device --tensors 300 --tensors-in arena
   step mlp example; timeout 30 $B/mlp 2>&1 | tail -3
-  step out of memory: 2e10 parameters, 240 GB; expect a does-not-fit row, not a crash
+  step "out of memory: 2e10 parameters, 240 GB (a does-not-fit row, not a crash)"
   timeout 40 $B/polyak-bench --sizes 2e10 --momentum on --cpu-max 1 --reps 2 2>&1 | tail -5
   step done
 } 2>&1 | tee "$OUT/log.txt"

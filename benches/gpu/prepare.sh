@@ -22,9 +22,11 @@ for b in polyak-bench examples/conformance examples/mlp; do
 done
 # Test binaries that read no file by path (the conformance tests do; the example
 # above replays the same cases from a path given on its command line) and need no
-# software adapter (the context test does). check.sh runs them in this order.
+# software adapter (the context test does); `lib` is the crate's unit tests (the
+# kernels against f64). check.sh runs them in this order.
 for t in $(cat benches/gpu/tests.txt); do
-  bin=$(cargo test --release --no-run --test "$t" --message-format=json 2>/dev/null |
+  if [ "$t" = lib ]; then which=(--lib); else which=(--test "$t"); fi
+  bin=$(cargo test --release --no-run "${which[@]}" --message-format=json 2>/dev/null |
     python3 -c 'import json,sys
 for l in sys.stdin:
     m = json.loads(l)

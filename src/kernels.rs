@@ -8,7 +8,7 @@ use wgpu::util::DeviceExt;
 mod batch;
 
 pub(crate) use batch::BatchLimits;
-use batch::{BATCH, BatchGeometry, batches, clash, expand, unroll};
+use batch::{BATCH, BatchGeometry, Sharing, batches, clash, expand, unroll};
 pub(crate) use batch::{Geometry, grid};
 
 /// Mirrors `Rule` in `norm_final.wgsl`: the partial count, the variant, the
@@ -292,7 +292,12 @@ impl Kernels {
 
         let lens: Vec<usize> = bufs.segments.iter().map(|s| s.len).collect();
         // Segments of a batch share its workgroups where those run a few at a time.
-        let shared = ctx.contiguous_invocations();
+        let sharing = match ctx.contiguous_invocations() {
+            true => Sharing::All,
+            false => Sharing::Apart {
+                most: ctx.max_workgroups(),
+            },
+        };
         // The norm pass binds every vector read-only: any small segments may share
         // its dispatches. None when the objective computes the norm.
         let mut ours = 0; // norm partials: one per workgroup of every batch
@@ -301,7 +306,7 @@ impl Kernels {
             None => batches(&lens, limits.norm, |_, _| false)
                 .into_iter()
                 .map(|batch| {
-                    let geometry = BatchGeometry::new(&geometries[batch.clone()], ours, shared);
+                    let geometry = BatchGeometry::new(&geometries[batch.clone()], ours, sharing);
                     ours += geometry.groups;
                     (batch, geometry)
                 })
@@ -382,7 +387,7 @@ impl Kernels {
         for batch in batches(&lens, limits.update, |i, j| {
             clash(&segments[i], &segments[j])
         }) {
-            let geometry = BatchGeometry::new(&geometries[batch.clone()], 0, shared);
+            let geometry = BatchGeometry::new(&geometries[batch.clone()], 0, sharing);
             let segs = &segments[batch];
             let pipeline = kernels.pipeline_for(ctx, bufs, config, Pass::Update, segs.len());
             let geo = geometry.uniform(ctx);

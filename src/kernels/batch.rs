@@ -161,13 +161,24 @@ pub(super) fn clash(a: &Segment, b: &Segment) -> bool {
     a.params.buffer == b.grads.buffer || a.grads.buffer == b.params.buffer
 }
 
-/// A batch's dispatch, one norm partial per workgroup. `shared`: as many
-/// workgroups as its largest segment wants, each walking its share of every segment
-/// (a batch of tiny segments is one workgroup, not one per segment: best where
-/// workgroups run a few at a time, on a CPU adapter). Otherwise each segment gets
-/// workgroups of its own, one range after the other, as many as it would alone
-/// (best on a GPU, where a workgroup walking 30 segments in turn leaves the device
-/// idle: 300 tensors of 3,333 parameters were 4 workgroups a dispatch).
+/// How the segments of a batch share the workgroups of its dispatch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Sharing {
+    /// As many workgroups as the largest segment wants, each walking its share of
+    /// every segment: a batch of tiny segments is one workgroup, not one per
+    /// segment. Best where workgroups run a few at a time (CPU adapters).
+    All,
+    /// Each segment a range of workgroups of its own, one after the other, as many
+    /// as it would have alone, scaled down to about `most` in all (the workgroups
+    /// of one segment as long as the batch). Best on a GPU, where one workgroup
+    /// walking 30 segments in turn leaves the device idle (300 tensors of 3,333
+    /// parameters were 4 workgroups a dispatch on an H200), and where 30 segments'
+    /// workgroups unscaled (98,000 at 1e8 in 300 tensors, one vec4 per invocation,
+    /// each workgroup ending in a reduction) made the norm pass ten times slower.
+    Apart { most: u32 },
+}
+
+/// A batch's dispatch, one norm partial per workgroup.
 pub(super) struct BatchGeometry {
     /// Each segment's geometry within the batch's workgroups.
     segments: Vec<Geometry>,
@@ -178,23 +189,29 @@ pub(super) struct BatchGeometry {
 }
 
 impl BatchGeometry {
-    pub(super) fn new(geometries: &[Geometry], partial_base: u32, shared: bool) -> Self {
-        let (segments, groups) = match geometries {
-            [one] => (vec![*one], one.groups), // alone: as Geometry::new laid it out
-            _ if shared => {
+    pub(super) fn new(geometries: &[Geometry], partial_base: u32, sharing: Sharing) -> Self {
+        let (segments, groups) = match (geometries, sharing) {
+            ([one], _) => (vec![*one], one.groups), // alone: as Geometry::new laid it out
+            (_, Sharing::All) => {
                 let groups = geometries.iter().map(|g| g.groups).max().unwrap_or(1);
                 (
                     geometries.iter().map(|g| g.spread(groups)).collect(),
                     groups,
                 )
             }
-            _ => {
+            (_, Sharing::Apart { most }) => {
+                let wanted: u64 = geometries.iter().map(|g| u64::from(g.groups)).sum();
+                let most = u64::from(most.max(1));
                 let mut next = 0;
                 let segments = geometries
                     .iter()
                     .map(|g| {
-                        next += g.groups;
-                        g.from(next - g.groups)
+                        let groups = match wanted <= most {
+                            true => g.groups,
+                            false => (u64::from(g.groups) * most).div_ceil(wanted) as u32,
+                        };
+                        next += groups;
+                        g.spread(groups).from(next - groups)
                     })
                     .collect();
                 (segments, next)
@@ -339,32 +356,34 @@ mod tests {
 
     #[test]
     fn a_batch_shares_its_workgroups_or_gives_each_segment_its_own() {
-        let geos = [4u32, 1, 3].map(|groups| Geometry {
-            n4: groups * 256,
-            chunk: 256,
-            groups,
-            first: 0,
-        });
+        let geos = [4u32, 1, 3].map(|groups| Geometry::new(groups * 256, 1 << 20, 256));
+        assert_eq!(geos.map(|g| g.groups), [4, 1, 3]);
+        let firsts = |b: &BatchGeometry| b.segments.iter().map(|g| g.first).collect::<Vec<_>>();
         // GPU: one range after the other, each as the segment alone
-        let own = BatchGeometry::new(&geos, 7, false);
+        let own = BatchGeometry::new(&geos, 7, Sharing::Apart { most: 8 });
         assert_eq!(own.groups, 8);
-        assert_eq!(
-            own.segments.iter().map(|g| g.first).collect::<Vec<_>>(),
-            [0, 4, 5]
-        );
+        assert_eq!(firsts(&own), [0, 4, 5]);
         for (g, alone) in own.segments.iter().zip(&geos) {
             assert_eq!(Geometry { first: 0, ..*g }, *alone);
         }
+        // ... scaled down to about `most` in all, each segment still covered
+        let few = BatchGeometry::new(&geos, 7, Sharing::Apart { most: 4 });
+        let groups: Vec<u32> = few.segments.iter().map(|g| g.groups).collect();
+        assert_eq!(groups, [2, 1, 2]);
+        assert_eq!((few.groups, firsts(&few)), (5, vec![0, 2, 3]));
+        for g in &few.segments {
+            assert!(g.groups * g.chunk >= g.n4, "{g:?}");
+        }
         // CPU adapter: every segment over all of the largest's workgroups
-        let shared = BatchGeometry::new(&geos, 7, true);
+        let shared = BatchGeometry::new(&geos, 7, Sharing::All);
         assert_eq!(shared.groups, 4);
         for g in &shared.segments {
             assert_eq!((g.groups, g.first), (4, 0));
             assert!(g.groups * g.chunk >= g.n4);
         }
         // alone: the same either way
-        for layout in [true, false] {
-            let one = BatchGeometry::new(&geos[..1], 0, layout);
+        for sharing in [Sharing::All, Sharing::Apart { most: 1 }] {
+            let one = BatchGeometry::new(&geos[..1], 0, sharing);
             assert_eq!((one.groups, one.segments.as_slice()), (4, &geos[..1]));
         }
     }

@@ -204,6 +204,62 @@ impl CopyBench {
     }
 }
 
+/// The least a step that waits for the GPU can cost on this device, in ms (medians
+/// of `reps` after a few untimed): `empty`, an empty submission waited for; and
+/// `readback`, a 4-byte copy into a mapped readback buffer, submitted, waited for
+/// and read, as every waited step does (with the context's wait mode).
+#[derive(Debug, Clone, Copy)]
+pub struct RoundTrip {
+    /// An empty submission, waited for.
+    pub empty_ms: f64,
+    /// A 4-byte readback: copy, submit, map, wait, read, unmap.
+    pub readback_ms: f64,
+}
+
+impl RoundTrip {
+    /// Measures both on `ctx`.
+    pub fn measure(ctx: &GpuContext, reps: usize) -> Result<Self> {
+        let buffer = |usage| {
+            ctx.device().create_buffer(&wgpu::BufferDescriptor {
+                label: Some("bench round trip"),
+                size: 4,
+                usage,
+                mapped_at_creation: false,
+            })
+        };
+        let src = buffer(wgpu::BufferUsages::COPY_SRC | wgpu::BufferUsages::COPY_DST);
+        let staging = buffer(wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST);
+        let slot = std::sync::Arc::new(std::sync::Mutex::new(None));
+        let empty = || -> Result<()> {
+            ctx.queue().submit([]);
+            ctx.wait()
+        };
+        let readback = || -> Result<()> {
+            let mut encoder = ctx.device().create_command_encoder(&Default::default());
+            encoder.copy_buffer_to_buffer(&src, 0, &staging, 0, 4);
+            ctx.queue().submit([encoder.finish()]);
+            crate::buffers::read_mapped(ctx, &staging, &slot, |bytes| bytes.len()).map(|_| ())
+        };
+        let median_ms = |f: &dyn Fn() -> Result<()>| -> Result<f64> {
+            for _ in 0..3 {
+                f()?;
+            }
+            let mut times = Vec::with_capacity(reps.max(1));
+            for _ in 0..reps.max(1) {
+                let t0 = std::time::Instant::now();
+                f()?;
+                times.push(t0.elapsed().as_secs_f64() * 1e3);
+            }
+            times.sort_by(f64::total_cmp);
+            Ok(times[times.len() / 2])
+        };
+        Ok(RoundTrip {
+            empty_ms: median_ms(&empty)?,
+            readback_ms: median_ms(&readback)?,
+        })
+    }
+}
+
 /// Sum of squares in 16 independent f32 lanes (so that the compiler vectorises it).
 fn sqsum(g: &[f32]) -> f32 {
     let mut acc = [0.0f32; 16];

@@ -6,7 +6,7 @@
 //! ```
 
 use indicatif::{ProgressBar, ProgressStyle};
-use polyak_gpu::bench::{self, CopyBench, CpuBaseline, fill};
+use polyak_gpu::bench::{self, CopyBench, CpuBaseline, RoundTrip, fill};
 use polyak_gpu::{
     AdapterChoice, ContextOptions, Evaluation, ExternalTensor, GpuContext, Loss, ParamDtype,
     PolyakConfig, PolyakSgd, PolyakSgdBuilder, Result, StepSizeMode, TensorSpec, VelocityDtype,
@@ -424,9 +424,19 @@ fn run(args: &Args) -> Result<()> {
             ms[1],
             ms[2]
         );
+        // What the device itself costs a waited step: the floor of the figures above.
+        let trip = RoundTrip::measure(&ctx, args.reps.max(50))?;
+        println!(
+            "  the device's own round trip, {} waits: {:.4} ms for an empty submission, \
+             {:.4} ms for a 4-byte readback",
+            wait_name(wait),
+            trip.empty_ms,
+            trip.readback_ms
+        );
         by_wait.insert(
             wait_name(wait).into(),
-            json!({"host": ms[0], "device": ms[1], "pipelined": ms[2]}),
+            json!({"host": ms[0], "device": ms[1], "pipelined": ms[2],
+                   "empty_submission": trip.empty_ms, "readback_4_bytes": trip.readback_ms}),
         );
     }
     let [overhead_host_ms, overhead_device_ms, overhead_pipelined_ms] =

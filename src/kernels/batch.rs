@@ -206,12 +206,13 @@ impl BatchGeometry {
                 let segments = geometries
                     .iter()
                     .map(|g| {
-                        let groups = match wanted <= most {
-                            true => g.groups,
-                            false => (u64::from(g.groups) * most).div_ceil(wanted) as u32,
+                        let g = if wanted <= most {
+                            *g
+                        } else {
+                            g.spread((u64::from(g.groups) * most).div_ceil(wanted) as u32)
                         };
-                        next += groups;
-                        g.spread(groups).from(next - groups)
+                        next += g.groups;
+                        g.from(next - g.groups)
                     })
                     .collect();
                 (segments, next)

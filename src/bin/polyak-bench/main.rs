@@ -408,8 +408,8 @@ fn run(args: &Args) -> Result<()> {
         WaitMode::Spin => WaitMode::Block,
     };
     let mut by_wait = serde_json::Map::new();
-    for wait in [other, wait] {
-        ctx.set_wait_mode(wait);
+    for mode in [other, wait] {
+        ctx.set_wait_mode(mode);
         let ms = [
             fixed_overhead(&ctx, args, StepSizeMode::Host, 1)?,
             fixed_overhead(&ctx, args, StepSizeMode::Device, 1)?,
@@ -419,7 +419,7 @@ fn run(args: &Args) -> Result<()> {
             "fixed per-step overhead (N = 4), {} waits: {:.4} ms with the step size on \
              the host, {:.4} ms on the device, {:.4} ms on the device with {PIPELINE} steps \
              per wait",
-            wait_name(wait),
+            wait_name(mode),
             ms[0],
             ms[1],
             ms[2]
@@ -429,12 +429,12 @@ fn run(args: &Args) -> Result<()> {
         println!(
             "  the device's own round trip, {} waits: {:.4} ms for an empty submission, \
              {:.4} ms for a 4-byte readback",
-            wait_name(wait),
+            wait_name(mode),
             trip.empty_ms,
             trip.readback_ms
         );
         by_wait.insert(
-            wait_name(wait).into(),
+            wait_name(mode).into(),
             json!({"host": ms[0], "device": ms[1], "pipelined": ms[2],
                    "empty_submission": trip.empty_ms, "readback_4_bytes": trip.readback_ms}),
         );

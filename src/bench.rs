@@ -205,15 +205,22 @@ impl CopyBench {
 }
 
 /// The least a step that waits for the GPU can cost on this device, in ms (medians
-/// of `reps` after a few untimed): `empty`, an empty submission waited for; and
-/// `readback`, a 4-byte copy into a mapped readback buffer, submitted, waited for
-/// and read, as every waited step does (with the context's wait mode).
+/// of `reps` after a few untimed, with the context's wait mode): an empty
+/// submission waited for; a 4-byte copy into a mapped readback buffer, submitted,
+/// waited for and read, as every waited step does; the same after three tiny
+/// dispatches in two compute passes (a step's norm and update passes); and after
+/// those with a step's two 4-byte copies around them (the loss slot's fill and
+/// the loss). Our step costs what these cost plus its own recording and work.
 #[derive(Debug, Clone, Copy)]
 pub struct RoundTrip {
     /// An empty submission, waited for.
     pub empty_ms: f64,
     /// A 4-byte readback: copy, submit, map, wait, read, unmap.
     pub readback_ms: f64,
+    /// Three one-workgroup dispatches in two passes, then the readback.
+    pub dispatches_ms: f64,
+    /// A 4-byte copy, the three dispatches, another copy, then the readback.
+    pub step_shape_ms: f64,
 }
 
 impl RoundTrip {
@@ -229,13 +236,38 @@ impl RoundTrip {
         };
         let src = buffer(wgpu::BufferUsages::COPY_SRC | wgpu::BufferUsages::COPY_DST);
         let staging = buffer(wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST);
+        let counter = buffer(wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_SRC);
+        let fill = buffer(wgpu::BufferUsages::COPY_SRC);
+        let shader = module(
+            ctx,
+            "bench tick",
+            include_str!("../shaders/bench_tick.wgsl"),
+        );
+        let tick = pipeline(ctx, &shader, "main", &[]);
+        let group = bind_group(ctx, &tick, &[(0, counter.as_entire_binding())]);
         let slot = std::sync::Arc::new(std::sync::Mutex::new(None));
         let empty = || -> Result<()> {
             ctx.queue().submit([]);
             ctx.wait()
         };
-        let readback = || -> Result<()> {
+        // Compute passes of `passes[i]` dispatches each, with a 4-byte copy before
+        // and one after where `copies`, then the readback.
+        let round = |passes: &[u32], copies: bool| -> Result<()> {
             let mut encoder = ctx.device().create_command_encoder(&Default::default());
+            if copies {
+                encoder.copy_buffer_to_buffer(&fill, 0, &src, 0, 4);
+            }
+            for &dispatches in passes {
+                let mut pass = encoder.begin_compute_pass(&Default::default());
+                pass.set_pipeline(&tick);
+                pass.set_bind_group(0, &group, &[]);
+                for _ in 0..dispatches {
+                    pass.dispatch_workgroups(1, 1, 1);
+                }
+            }
+            if copies {
+                encoder.copy_buffer_to_buffer(&counter, 0, &src, 0, 4);
+            }
             encoder.copy_buffer_to_buffer(&src, 0, &staging, 0, 4);
             ctx.queue().submit([encoder.finish()]);
             crate::buffers::read_mapped(ctx, &staging, &slot, |bytes| bytes.len()).map(|_| ())
@@ -255,7 +287,9 @@ impl RoundTrip {
         };
         Ok(RoundTrip {
             empty_ms: median_ms(&empty)?,
-            readback_ms: median_ms(&readback)?,
+            readback_ms: median_ms(&|| round(&[], false))?,
+            dispatches_ms: median_ms(&|| round(&[2, 1], false))?,
+            step_shape_ms: median_ms(&|| round(&[2, 1], true))?,
         })
     }
 }

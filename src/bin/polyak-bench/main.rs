@@ -428,15 +428,20 @@ fn run(args: &Args) -> Result<()> {
         let trip = RoundTrip::measure(&ctx, args.reps.max(50))?;
         println!(
             "  the device's own round trip, {} waits: {:.4} ms for an empty submission, \
-             {:.4} ms for a 4-byte readback",
+             {:.4} ms for a 4-byte readback, {:.4} ms after 3 tiny dispatches, {:.4} ms \
+             with 2 copies too",
             wait_name(mode),
             trip.empty_ms,
-            trip.readback_ms
+            trip.readback_ms,
+            trip.dispatches_ms,
+            trip.step_shape_ms
         );
         by_wait.insert(
             wait_name(mode).into(),
             json!({"host": ms[0], "device": ms[1], "pipelined": ms[2],
-                   "empty_submission": trip.empty_ms, "readback_4_bytes": trip.readback_ms}),
+                   "empty_submission": trip.empty_ms, "readback_4_bytes": trip.readback_ms,
+                   "dispatches_and_readback": trip.dispatches_ms,
+                   "copies_dispatches_and_readback": trip.step_shape_ms}),
         );
     }
     let [overhead_host_ms, overhead_device_ms, overhead_pipelined_ms] =

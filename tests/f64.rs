@@ -3,7 +3,7 @@
 
 mod common;
 
-use common::{ctx, ctx_with_segments};
+use common::{ctx, ctx_with_segments, fixed_f64};
 use polyak_gpu::conformance::SplitMix64;
 use polyak_gpu::{
     Error, Evaluation, GpuContext, Loss, NonFinitePolicy, ParamDtype, PolyakConfig, PolyakSgd,
@@ -13,16 +13,6 @@ use polyak_gpu::{
 fn random64(seed: u64, n: usize) -> Vec<f64> {
     let mut rng = SplitMix64::new(seed);
     (0..n).map(|_| rng.upm1()).collect()
-}
-
-fn fixed64(
-    g: &[f64],
-    value: f64,
-) -> impl Fn(&mut Evaluation<'_>) -> polyak_gpu::Result<(Loss, ())> + '_ {
-    move |ev| {
-        ev.write_grads_f64(g)?;
-        Ok((Loss::Host(value), ()))
-    }
 }
 
 /// Two steps from random f64 parameters with random f64 gradients, against f64
@@ -40,9 +30,9 @@ fn two_steps_f64(ctx: &GpuContext, n: usize, mode: StepSizeMode, seed: u64) {
     assert_eq!(opt.buffers().download_params_f64().unwrap(), p);
     let mut v = vec![0.0f64; n];
     let (g1, g2) = (random64(seed + 1, n), random64(seed + 2, n));
-    let mut state = opt.init_state(fixed64(&g1, 0.5)).unwrap();
+    let mut state = opt.init_state(fixed_f64(&g1, 0.5)).unwrap();
     for (g, value) in [(&g1, 0.5), (&g2, 0.25)] {
-        state = opt.update(&state, fixed64(g, value)).unwrap();
+        state = opt.update(&state, fixed_f64(g, value)).unwrap();
         let sq: f64 = g.iter().map(|x| x * x).sum();
         assert!(
             (state.error * state.error - sq).abs() <= 1e-13 * sq,
@@ -238,9 +228,9 @@ fn an_f64_checkpoint_resumes_bit_for_bit() {
         opt
     };
     let mut a = fresh(680);
-    let mut s = a.init_state(fixed64(&gs[0], 1.0)).unwrap();
+    let mut s = a.init_state(fixed_f64(&gs[0], 1.0)).unwrap();
     for (k, g) in gs.iter().enumerate() {
-        s = a.update(&s, fixed64(g, 1.0)).unwrap();
+        s = a.update(&s, fixed_f64(g, 1.0)).unwrap();
         if k == 1 {
             a.save_checkpoint(&s, &file).unwrap();
         }
@@ -248,7 +238,7 @@ fn an_f64_checkpoint_resumes_bit_for_bit() {
     let mut b = fresh(681);
     let mut r = b.load_checkpoint(&file).unwrap();
     for g in &gs[2..] {
-        r = b.update(&r, fixed64(g, 1.0)).unwrap();
+        r = b.update(&r, fixed_f64(g, 1.0)).unwrap();
     }
     assert_eq!(r, s);
     let bits = |v: Vec<f64>| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
@@ -302,8 +292,8 @@ fn f64_device_step(
     let mut opt = PolyakSgd::new_zeroed(ctx, cfg, g.len()).unwrap();
     let p = random64(700, g.len());
     opt.buffers().upload_params_f64(&p).unwrap();
-    let state = opt.init_state(fixed64(g, value)).unwrap();
-    match opt.update(&state, fixed64(g, value)) {
+    let state = opt.init_state(fixed_f64(g, value)).unwrap();
+    match opt.update(&state, fixed_f64(g, value)) {
         Ok(s) => Some(s.stepsize),
         Err(Error::NonFinite { .. }) => {
             assert_eq!(opt.buffers().download_params_f64().unwrap(), p);

@@ -224,7 +224,7 @@ pub struct RoundTrip {
 }
 
 impl RoundTrip {
-    /// Measures both on `ctx`.
+    /// Measures the four on `ctx`.
     pub fn measure(ctx: &GpuContext, reps: usize) -> Result<Self> {
         let buffer = |usage| {
             ctx.device().create_buffer(&wgpu::BufferDescriptor {

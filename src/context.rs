@@ -148,17 +148,13 @@ impl GpuContext {
             .max_workgroups
             .unwrap_or_else(|| default_max_workgroups(info.device_type));
         ctx.max_segment_elements = options.max_segment_elements;
-        ctx.contiguous_invocations = options
-            .contiguous_invocations
-            .unwrap_or(info.device_type == wgpu::DeviceType::Cpu);
+        // A CPU adapter runs a workgroup's invocations one after another, and its
+        // work needs every core: contiguous walks, blocking waits.
+        let cpu = info.device_type == wgpu::DeviceType::Cpu;
+        ctx.contiguous_invocations = options.contiguous_invocations.unwrap_or(cpu);
         ctx.set_wait_timeout(options.wait_timeout.unwrap_or(DEFAULT_WAIT_TIMEOUT));
-        ctx.set_wait_mode(options.wait_mode.unwrap_or(
-            if info.device_type == wgpu::DeviceType::Cpu {
-                WaitMode::Block
-            } else {
-                WaitMode::Spin
-            },
-        ));
+        let wait = if cpu { WaitMode::Block } else { WaitMode::Spin };
+        ctx.set_wait_mode(options.wait_mode.unwrap_or(wait));
         if let Some(wg) = options.workgroup_size {
             ctx.set_workgroup_size(wg)?;
         }

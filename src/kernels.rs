@@ -292,11 +292,12 @@ impl Kernels {
 
         let lens: Vec<usize> = bufs.segments.iter().map(|s| s.len).collect();
         // Segments of a batch share its workgroups where those run a few at a time.
-        let sharing = match ctx.contiguous_invocations() {
-            true => Sharing::All,
-            false => Sharing::Apart {
+        let sharing = if ctx.contiguous_invocations() {
+            Sharing::All
+        } else {
+            Sharing::Apart {
                 most: ctx.max_workgroups(),
-            },
+            }
         };
         // The norm pass binds every vector read-only: any small segments may share
         // its dispatches. None when the objective computes the norm.

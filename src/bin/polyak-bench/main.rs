@@ -408,6 +408,7 @@ fn run(args: &Args) -> Result<()> {
         WaitMode::Spin => WaitMode::Block,
     };
     let mut by_wait = serde_json::Map::new();
+    let mut overheads = [f64::NAN; 3]; // host, device, pipelined, under `wait`
     for mode in [other, wait] {
         ctx.set_wait_mode(mode);
         let ms = [
@@ -443,10 +444,11 @@ fn run(args: &Args) -> Result<()> {
                    "dispatches_and_readback": trip.dispatches_ms,
                    "copies_dispatches_and_readback": trip.step_shape_ms}),
         );
+        if mode == wait {
+            overheads = ms;
+        }
     }
-    let [overhead_host_ms, overhead_device_ms, overhead_pipelined_ms] =
-        ["host", "device", "pipelined"]
-            .map(|k| by_wait[wait_name(wait)][k].as_f64().unwrap_or(f64::NAN));
+    let [overhead_host_ms, overhead_device_ms, overhead_pipelined_ms] = overheads;
     let overhead_ms = match (args.stepsize, args.sync_every) {
         (StepSizeMode::Host, _) => overhead_host_ms,
         (StepSizeMode::Device, 1) => overhead_device_ms,

@@ -21,7 +21,7 @@
 // binding 2: per workgroup of every segment, the lowest step its share allows, then
 // the highest.
 @group(0) @binding(2) var<storage, read_write> bounds: array<real>;
-// binding 3: the scalars slot of norm_final.wgsl, read only: [9] = the momentum
+// binding 3: the scalars slot of rule.wgsl, read only: [10] = the momentum
 // (only bound by `momentum`).
 @group(0) @binding(3) var<storage, read> scalars: array<real, 14>;
 
@@ -71,7 +71,7 @@ fn momentum_$K(w: vec3<u32>, steps: ptr<function, Steps>) -> real4 {
         let g = grads_$K[i];
         sum += g * g;
         let v = real4(velocity_$K[i]);
-        allow(steps, params_$K[i], v, scalars[9] * v, g);
+        allow(steps, params_$K[i], v, scalars[10] * v, g);
     }
     return sum;
 }

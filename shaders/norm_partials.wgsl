@@ -1,10 +1,13 @@
-// Squared L2 norm, pass 1 of 2: each workgroup sums g*g over its share of the
-// gradient segments of its batch and writes a single partial. Fixed order, no atomics, so the
-// result is bitwise repeatable on one adapter. `real` / `real4` (f32 or f64) come
-// from the precision prelude, and the batch (`batch`, `segment_of`, `walk`) from
-// batch.wgsl, which the host puts in front (kernels.rs).
+// Squared L2 norm, pass 1 of 2 (`main`): each workgroup sums g*g over its share of
+// the gradient segments of its batch and writes a single partial. Fixed order, no
+// atomics, so the result is bitwise repeatable on one adapter. At small sizes one
+// workgroup does both passes (`single`): it sums the whole gradient and applies the
+// step-size rule itself, one dispatch where two would cost a waited step twice the
+// dispatches' fixed cost. `real` / `real4` (f32 or f64) come from the precision
+// prelude, the rule (`decide`, bindings 2 and 3) from rule.wgsl, and the batch
+// (`batch`, `walk`) from batch.wgsl, which the host puts in front (kernels.rs).
 
-// binding 0: one partial sum per workgroup of every segment.
+// binding 0: one partial sum per workgroup of every segment (`main` only).
 @group(0) @binding(0) var<storage, read_write> partials: array<real>;
 
 // @each
@@ -34,12 +37,9 @@ fn sum_$K(w: vec3<u32>) -> real4 {
 
 var<workgroup> sums: array<real, WG>;
 
-@compute @workgroup_size(WG)
-fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
-    let g = workgroup_index(wid);
-    if (g >= batch.total) {
-        return; // workgroup-uniform: the whole group leaves together
-    }
+// The sum of g*g over workgroup `g`'s share of every segment of the batch (called
+// by the whole workgroup, in uniform control flow).
+fn share(g: u32, lid: u32) -> real {
     var acc = real4(0.0);
     // @each
     acc += sum_$K(walk(batch.seg[$K], g, lid));
@@ -52,7 +52,27 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
         }
         workgroupBarrier();
     }
+    return sums[0];
+}
+
+@compute @workgroup_size(WG)
+fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
+    let g = workgroup_index(wid);
+    if (g >= batch.total) {
+        return; // workgroup-uniform: the whole group leaves together
+    }
+    let sum = share(g, lid);
     if (lid == 0u) {
-        partials[batch.partial_base + g] = sums[0];
+        partials[batch.partial_base + g] = sum;
+    }
+}
+
+// Both passes in one workgroup, the only one of its dispatch (the batch's geometry
+// gives every segment that one workgroup).
+@compute @workgroup_size(WG)
+fn single(@builtin(local_invocation_index) lid: u32) {
+    let sqnorm = share(0u, lid);
+    if (lid == 0u) {
+        decide(sqnorm, -LIMIT, LIMIT);
     }
 }

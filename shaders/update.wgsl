@@ -10,8 +10,8 @@
 // `to_velocity`, which saturates an f16 velocity at +-65504). The batch (`batch`,
 // `segment_of`, `walk`) comes from batch.wgsl, also put in front.
 
-// binding 0: the scalars slot of norm_final.wgsl: [2] = the step size, [3] = not 0.0
-// if this update must not run (refused, or the run halted), [9] = the momentum.
+// binding 0: the scalars slot of rule.wgsl: [3] = the step size, [4] = not 0.0
+// if this update must not run (refused, or the run halted), [10] = the momentum.
 @group(0) @binding(0) var<storage, read> scalars: array<real, 14>;
 
 // @each
@@ -63,11 +63,11 @@ fn plain_$K(w: vec3<u32>, neg_step: real) {
 @compute @workgroup_size(WG)
 fn momentum(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
     let g = workgroup_index(wid);
-    if (g >= batch.total || scalars[3] != 0.0) {
+    if (g >= batch.total || scalars[4] != 0.0) {
         return;
     }
-    let step = scalars[2];
-    let momentum = scalars[9];
+    let step = scalars[3];
+    let momentum = scalars[10];
     // @each
     momentum_$K(walk(batch.seg[$K], g, lid), step, momentum);
     // @end
@@ -76,10 +76,10 @@ fn momentum(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_ind
 @compute @workgroup_size(WG)
 fn plain(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
     let g = workgroup_index(wid);
-    if (g >= batch.total || scalars[3] != 0.0) {
+    if (g >= batch.total || scalars[4] != 0.0) {
         return;
     }
-    let neg_step = -scalars[2];
+    let neg_step = -scalars[3];
     // @each
     plain_$K(walk(batch.seg[$K], g, lid), neg_step);
     // @end

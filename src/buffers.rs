@@ -287,26 +287,36 @@ impl ParamBuffers {
             .map(|o| o.partials.as_entire_buffer_binding())
     }
 
-    /// Records the NaN fill of what the objective writes besides the gradient (the
-    /// loss and, if it computes the norm, its partials), before the objective.
-    pub(crate) fn encode_unwritten(&self, encoder: &mut wgpu::CommandEncoder) {
-        self.scalars.encode_unwritten_loss(encoder);
+    /// Records the NaN fill of the objective's norm partials, where it computes the
+    /// norm, before each evaluation. (The loss needs none: the norm pass that
+    /// reads it sets it to NaN.)
+    pub(crate) fn encode_unwritten_partials(&self, encoder: &mut wgpu::CommandEncoder) {
         if let Some(o) = &self.objective_norm {
             encoder.copy_buffer_to_buffer(&o.unwritten, 0, &o.partials, 0, o.partials.size());
         }
     }
 
+    /// Records the NaN fill of what the objective writes besides the gradient (the
+    /// loss and, if it computes the norm, its partials) after an evaluation that no
+    /// norm pass follows (`init_state`).
+    pub(crate) fn encode_unwritten(&self, encoder: &mut wgpu::CommandEncoder) {
+        self.scalars.encode_unwritten_loss(encoder);
+        self.encode_unwritten_partials(encoder);
+    }
+
     /// The slot the objective's kernel writes the loss into (one `f32`, or one `f64`
-    /// with f64 parameters), for [`crate::Loss::Device`]. It is set to NaN before
-    /// each evaluation, so a loss left unwritten refuses the step (a non-finite
-    /// value) instead of reusing the last one.
+    /// with f64 parameters), for [`crate::Loss::Device`]. It is NaN until the
+    /// objective writes it (the norm pass sets it to NaN again once read), so a
+    /// loss left unwritten refuses the step (a non-finite value) instead of
+    /// reusing the last one.
     pub fn loss_binding(&self) -> wgpu::BufferBinding<'_> {
         self.scalars.loss_binding()
     }
 
     /// The buffer holding the loss at offset 0 (f32, or f64 with f64 parameters; for
     /// copying a loss computed elsewhere there), then the optimizer's own scalars
-    /// (squared norm, step size, verdict, halt state, options).
+    /// (the loss the last step used, squared norm, step size, verdict, halt state,
+    /// options).
     pub fn scalars_buffer(&self) -> &wgpu::Buffer {
         &self.scalars.buffer
     }

@@ -11,6 +11,11 @@ use std::time::{Duration, Instant};
 /// H200), so only a kernel that never ends reaches it.
 pub const DEFAULT_WAIT_TIMEOUT: Duration = Duration::from_secs(60);
 
+/// The default [`ContextOptions::one_pass_limit`]: gradients of up to this many
+/// elements get their squared norm and step size from one workgroup in one
+/// dispatch (16 vec4 loads per invocation of 256).
+pub const DEFAULT_ONE_PASS_LIMIT: usize = 1 << 14;
+
 /// Which adapter [`GpuContext::new`] opens.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum AdapterChoice {
@@ -68,6 +73,13 @@ pub struct ContextOptions {
     /// bit for bit (each invocation visits its elements in the same order). For
     /// tuning by measurement (`polyak-bench --unroll`).
     pub unroll: Option<u32>,
+    /// The most gradient elements (all segments together) whose squared norm and
+    /// step size one workgroup computes in one dispatch, instead of a norm pass of
+    /// many workgroups and a final sum: at small sizes a waited step then costs one
+    /// dispatch less. `None` is [`DEFAULT_ONE_PASS_LIMIT`]; `Some(0)` never does.
+    /// For tuning by measurement (`polyak-bench --one-pass-limit`); the squared norm
+    /// differs in its last bits between the two (the order of the sums).
+    pub one_pass_limit: Option<usize>,
     /// How long a wait for the GPU may take before it is [`Error::Timeout`] (a hung
     /// kernel, e.g. one of the objective's, is then an error instead of a hang).
     /// `None` is [`DEFAULT_WAIT_TIMEOUT`]; `Some(Duration::MAX)` waits as long as the
@@ -92,6 +104,7 @@ pub struct GpuContext {
     contiguous_invocations: bool,
     workgroup_size: u32,
     unroll: u32,
+    one_pass_limit: usize,
     /// The wait timeout in nanoseconds (`u64::MAX`: none), shared by every clone.
     wait_timeout_ns: Arc<AtomicU64>,
     /// Whether waits spin ([`WaitMode::Spin`]), shared by every clone.
@@ -160,6 +173,9 @@ impl GpuContext {
         }
         if let Some(u) = options.unroll {
             ctx.set_unroll(u)?;
+        }
+        if let Some(n) = options.one_pass_limit {
+            ctx.set_one_pass_limit(n);
         }
         ctx.info = Some(info);
         Ok(ctx)
@@ -239,6 +255,7 @@ impl GpuContext {
             contiguous_invocations: false,
             workgroup_size: DEFAULT_WORKGROUP_SIZE,
             unroll: 1,
+            one_pass_limit: DEFAULT_ONE_PASS_LIMIT,
             wait_timeout_ns: Arc::new(AtomicU64::new(nanos(DEFAULT_WAIT_TIMEOUT))),
             spin: Arc::new(AtomicBool::new(false)),
         }
@@ -328,6 +345,19 @@ impl GpuContext {
     /// iteration.
     pub fn unroll(&self) -> u32 {
         self.unroll
+    }
+
+    /// Sets the most gradient elements whose norm and step size one workgroup
+    /// computes in one dispatch, in the optimizers built from now on (see
+    /// [`ContextOptions::one_pass_limit`]; 0: never).
+    pub fn set_one_pass_limit(&mut self, n: usize) {
+        self.one_pass_limit = n;
+    }
+
+    /// The most gradient elements whose norm and step size one workgroup computes
+    /// in one dispatch.
+    pub fn one_pass_limit(&self) -> usize {
+        self.one_pass_limit
     }
 
     /// Lowers the elements per segment below the device's limits (see

@@ -8,10 +8,10 @@ use wgpu::util::DeviceExt;
 mod batch;
 
 pub(crate) use batch::BatchLimits;
-use batch::{BATCH, BatchGeometry, Sharing, batches, clash, expand, unroll};
+use batch::{BATCH, BatchGeometry, MAX_ITERATIONS, Sharing, batches, clash, expand, unroll};
 pub(crate) use batch::{Geometry, grid};
 
-/// Mirrors `Rule` in `norm_final.wgsl`: the partial count, the variant, the
+/// Mirrors `Rule` in `rule.wgsl`: the partial count, the variant, the
 /// non-finite policy and the overflow check (the real-valued options live in the
 /// scalars slot).
 #[repr(C)]
@@ -46,6 +46,9 @@ impl RuleUniform {
 enum Pass {
     /// The first norm pass (`norm_partials.wgsl`, or `norm_guard.wgsl`).
     Norm,
+    /// Both norm passes and the rule in one workgroup (`norm_partials.wgsl`'s
+    /// `single`).
+    Single,
     /// The update (`update.wgsl`).
     Update,
 }
@@ -65,13 +68,13 @@ pub(crate) struct Kernels {
     pipelines: Vec<wgpu::ComputePipeline>,
     /// (kernel, batch size, index in `pipelines`) of each pipeline compiled.
     compiled: Vec<(Pass, usize, usize)>,
-    final_pipeline: wgpu::ComputePipeline,
     /// The first norm pass: one dispatch per segment or batch of small segments
-    /// (none when the objective computes the norm).
+    /// (none when the objective computes the norm), or the one-pass norm.
     norm: Vec<Dispatch>,
+    /// The final sum and the rule (`norm_final.wgsl`), unless the norm is one pass.
+    finish: Option<(wgpu::ComputePipeline, wgpu::BindGroup)>,
     /// The update: one dispatch per segment or batch of small segments.
     update: Vec<Dispatch>,
-    final_group: wgpu::BindGroup,
     /// The final pass's `Rule` (partial count, variant, policy, check).
     rule: wgpu::Buffer,
     /// The partials the final pass sums.
@@ -79,6 +82,9 @@ pub(crate) struct Kernels {
     partials_bytes: u64,
     uniform_bytes: u64,
 }
+
+/// The step-size rule (`decide`), put in front of the kernels that end the norm.
+const RULE: &str = include_str!("../shaders/rule.wgsl");
 
 /// `len` elements of `region`, as a binding.
 fn resource(region: &Region, len: usize) -> wgpu::BindingResource<'_> {
@@ -255,7 +261,28 @@ impl Kernels {
     pub fn new(ctx: &GpuContext, bufs: &ParamBuffers, config: &PolyakConfig) -> Self {
         let geometries = Self::geometries(ctx, bufs);
         let limits = BatchLimits::of(ctx, config.check_overflow);
-        Self::with_geometries(ctx, bufs, config, geometries, limits)
+        let one_pass = Self::fits_one_pass(ctx, bufs, config, limits);
+        Self::with_geometries(ctx, bufs, config, geometries, limits, one_pass)
+    }
+
+    /// Whether one workgroup computes the norm and the step size in one dispatch:
+    /// a gradient of at most [`GpuContext::one_pass_limit`] elements in one batch,
+    /// which the kernels reduce themselves without the overflow check (the check's
+    /// bounds stay in two passes).
+    fn fits_one_pass(
+        ctx: &GpuContext,
+        bufs: &ParamBuffers,
+        config: &PolyakConfig,
+        limits: BatchLimits,
+    ) -> bool {
+        let lens: Vec<usize> = bufs.segments.iter().map(|s| s.len).collect();
+        let total: usize = lens.iter().sum();
+        // Each invocation's loop stays under the walk's iteration cap.
+        let most = ctx.workgroup_size() as usize * MAX_ITERATIONS as usize * 4;
+        bufs.objective_norm.is_none()
+            && !config.check_overflow
+            && total <= ctx.one_pass_limit().min(most)
+            && batches(&lens, limits.norm, |_, _| false).len() == 1
     }
 
     /// The geometry of each segment alone.
@@ -272,22 +299,16 @@ impl Kernels {
             .collect()
     }
 
-    /// As [`Kernels::new`] with the dispatch geometry of each segment given, and at
-    /// most `limits` small segments per dispatch.
+    /// As [`Kernels::new`] with the dispatch geometry of each segment given, at
+    /// most `limits` small segments per dispatch, and the norm in one pass or two.
     fn with_geometries(
         ctx: &GpuContext,
         bufs: &ParamBuffers,
         config: &PolyakConfig,
         geometries: Vec<Geometry>,
         limits: BatchLimits,
+        one_pass: bool,
     ) -> Self {
-        let source = |text: &str| with_prelude(text, bufs.real_bytes(), config.velocity_bytes());
-        let final_mod = module(
-            ctx,
-            "norm_final",
-            source(include_str!("../shaders/norm_final.wgsl")),
-        );
-        let final_pipeline = pipeline(ctx, &final_mod, "main", &[]);
         bufs.scalars.write_options(config);
 
         let lens: Vec<usize> = bufs.segments.iter().map(|s| s.len).collect();
@@ -304,6 +325,11 @@ impl Kernels {
         let mut ours = 0; // norm partials: one per workgroup of every batch
         let norm_batches: Vec<_> = match bufs.objective_norm {
             Some(_) => Vec::new(),
+            // One workgroup walks every segment.
+            None if one_pass => {
+                let one: Vec<_> = geometries.iter().map(|g| g.spread(1)).collect();
+                vec![(0..lens.len(), BatchGeometry::new(&one, 0, Sharing::All))]
+            }
             None => batches(&lens, limits.norm, |_, _| false)
                 .into_iter()
                 .map(|batch| {
@@ -332,40 +358,52 @@ impl Kernels {
             None => (&partials, ours),
         };
         let rule = uniform(ctx, &RuleUniform::new(count, config));
-        let final_group = bind_group(
-            ctx,
-            &final_pipeline,
-            &[
+        // rule.wgsl's bindings, in norm_final.wgsl and the one-pass norm.
+        let scalars = (2, bufs.scalars.buffer.as_entire_binding());
+        let rule_entry = (3, rule.as_entire_binding());
+        let finish = (!one_pass).then(|| {
+            let text = with_prelude(
+                &(RULE.to_string() + include_str!("../shaders/norm_final.wgsl")),
+                bufs.real_bytes(),
+                config.velocity_bytes(),
+            );
+            let finish = pipeline(ctx, &module(ctx, "norm_final", text), "main", &[]);
+            let entries = [
                 (0, summed.as_entire_binding()),
-                (1, bufs.scalars.buffer.as_entire_binding()),
-                (2, rule.as_entire_binding()),
-                (3, bounds.as_entire_binding()),
-            ],
-        );
+                (1, bounds.as_entire_binding()),
+                scalars.clone(),
+                rule_entry.clone(),
+            ];
+            let group = bind_group(ctx, &finish, &entries);
+            (finish, group)
+        });
         let mut kernels = Kernels {
             pipelines: Vec::new(),
             compiled: Vec::new(),
-            final_pipeline,
             norm: Vec::new(),
+            finish,
             update: Vec::new(),
-            final_group,
             uniform_bytes: rule.size(),
-            rule,
+            rule: rule.clone(), // (a handle: the bindings above borrow this one)
             partial_count: count,
             partials_bytes: partials.size() + bounds.size(),
         };
+        let pass = if one_pass { Pass::Single } else { Pass::Norm };
         for (batch, geometry) in norm_batches {
             let segs = &bufs.segments[batch];
-            let pipeline = kernels.pipeline_for(ctx, bufs, config, Pass::Norm, segs.len());
+            let pipeline = kernels.pipeline_for(ctx, bufs, config, pass, segs.len());
             let geo = geometry.uniform(ctx);
             kernels.uniform_bytes += geo.size();
-            // norm_partials.wgsl: partials 0, geometry 1, each gradient from 2;
-            // norm_guard.wgsl: bounds 2, scalars 3, then params, gradient and
-            // velocity of each segment from 4.
-            let mut entries = vec![
-                (0, partials.as_entire_binding()),
-                (1, geo.as_entire_binding()),
-            ];
+            // norm_partials.wgsl: partials 0 (or the scalars 2 and the rule 3 in
+            // one pass), geometry 1, each gradient from 4; norm_guard.wgsl: bounds
+            // 2, scalars 3, then params, gradient and velocity of each segment
+            // from 4.
+            let mut entries = vec![(1, geo.as_entire_binding())];
+            if one_pass {
+                entries.extend([scalars.clone(), rule_entry.clone()]);
+            } else {
+                entries.push((0, partials.as_entire_binding()));
+            }
             if config.check_overflow {
                 entries.push((2, bounds.as_entire_binding()));
                 if bufs.has_velocity() {
@@ -374,7 +412,7 @@ impl Kernels {
                 }
                 entries.extend(vector_entries(segs, 4));
             } else {
-                for (k, s) in (2..).zip(segs) {
+                for (k, s) in (4..).zip(segs) {
                     entries.push((k, resource(&s.grads, s.len)));
                 }
             }
@@ -450,11 +488,15 @@ impl Kernels {
                 );
                 pipeline(ctx, &module(ctx, "norm_guard", text), entry, &constants)
             }
-            Pass::Norm => {
-                let text = source(include_str!("../shaders/norm_partials.wgsl"), &|k| {
-                    vec![("$K", k), ("$BG", 2 + k)]
-                });
-                pipeline(ctx, &module(ctx, "norm_partials", text), "main", &constants)
+            Pass::Norm | Pass::Single => {
+                let text = RULE.to_string() + include_str!("../shaders/norm_partials.wgsl");
+                let text = source(&text, &|k| vec![("$K", k), ("$BG", 4 + k)]);
+                let entry = if pass == Pass::Single {
+                    "single"
+                } else {
+                    "main"
+                };
+                pipeline(ctx, &module(ctx, "norm_partials", text), entry, &constants)
             }
         };
         self.pipelines.push(compiled);
@@ -482,7 +524,7 @@ impl Kernels {
     /// segments (none when the objective computes the norm), the final sum, the
     /// update of each. It grows with the segment count, never the tensor count.
     pub fn dispatches_per_step(&self) -> usize {
-        self.norm.len() + 1 + self.update.len()
+        self.norm.len() + usize::from(self.finish.is_some()) + self.update.len()
     }
 
     /// Records `dispatches` into `pass`, setting each pipeline when it changes.
@@ -498,9 +540,10 @@ impl Kernels {
         }
     }
 
-    /// Records both norm passes: the squared gradient norm lands in `scalars[1]`, the
-    /// f32 step size of the rule in `scalars[2]` and the refusal verdict in
-    /// `scalars[3]`.
+    /// Records the norm passes (one or two): the squared gradient norm lands in
+    /// `scalars[2]`, the step size of the rule in `scalars[3]` and the refusal
+    /// verdict in `scalars[4]`, and the loss they used in `scalars[1]` (the loss
+    /// slot `scalars[0]` is NaN after).
     pub fn encode_norm(
         &self,
         encoder: &mut wgpu::CommandEncoder,
@@ -511,13 +554,15 @@ impl Kernels {
             timestamp_writes: timestamps,
         });
         self.record(&mut pass, &self.norm);
-        pass.set_pipeline(&self.final_pipeline);
-        pass.set_bind_group(0, &self.final_group, &[]);
-        pass.dispatch_workgroups(1, 1, 1);
+        if let Some((finish, group)) = &self.finish {
+            pass.set_pipeline(finish);
+            pass.set_bind_group(0, group, &[]);
+            pass.dispatch_workgroups(1, 1, 1);
+        }
     }
 
-    /// Records the fused update of every segment, with the step in `scalars[2]`
-    /// (skipped whole if `scalars[3]` is not 0).
+    /// Records the fused update of every segment, with the step in `scalars[3]`
+    /// (skipped whole if `scalars[4]` is not 0).
     pub fn encode_update(
         &self,
         encoder: &mut wgpu::CommandEncoder,

@@ -49,7 +49,10 @@ pub mod stepsize;
 
 pub use buffers::{ExternalTensor, ParamBuffers};
 pub use config::{NonFinitePolicy, ParamDtype, PolyakConfig, StepSizeMode, Variant, VelocityDtype};
-pub use context::{AdapterChoice, ContextOptions, DEFAULT_WAIT_TIMEOUT, GpuContext, WaitMode};
+pub use context::{
+    AdapterChoice, ContextOptions, DEFAULT_ONE_PASS_LIMIT, DEFAULT_WAIT_TIMEOUT, GpuContext,
+    WaitMode,
+};
 pub use error::{Error, Result};
 pub use evaluation::Evaluation;
 pub use layout::{Layout, TensorId, TensorKey, TensorSpec};

@@ -27,7 +27,7 @@ pub(crate) struct Scalars {
     single: bool,
 }
 
-/// What the norm pass decided about a step's update (`scalars[3]`).
+/// What the norm pass decided about a step's update (`scalars[4]`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Verdict {
     /// The update runs.
@@ -82,14 +82,19 @@ impl Scalars {
     }
 }
 
-/// Scalars in the slot (see `norm_final.wgsl`): loss, squared norm, step, verdict,
-/// the lowest and highest safe step, halted, halts, stop threshold, momentum,
-/// max_stepsize, delta, fun_min, spare.
+/// Scalars in the slot (see `rule.wgsl`): the loss the objective writes, then the
+/// readback (the loss the step used, squared norm, step, verdict, the lowest and
+/// highest safe step), halted, halts, stop threshold, momentum, max_stepsize, delta,
+/// fun_min.
 pub(crate) const SCALARS: u64 = 14;
+/// Index of the first scalar read back (the loss the step used).
+const READBACK: u64 = 1;
+/// Index of the step size (then the verdict).
+const STEP: u64 = 3;
 /// Index of the first of the scalars `write_halt` writes (halted, halts, threshold).
-const HALTED: u64 = 6;
+const HALTED: u64 = 7;
 /// Index of the first of the options (momentum, max_stepsize, delta, fun_min).
-const OPTIONS: u64 = 9;
+const OPTIONS: u64 = 10;
 
 /// Scalars copied back per step: loss, squared norm, step, verdict, and the bounds
 /// where the optimizer checks them (`bounds`).
@@ -101,13 +106,11 @@ fn reals_read(bounds: bool) -> u64 {
 #[derive(Debug)]
 pub(crate) struct ScalarSlot {
     ctx: GpuContext,
-    /// `SCALARS` reals (see `norm_final.wgsl`).
+    /// `SCALARS` reals (see `rule.wgsl`).
     pub buffer: wgpu::Buffer,
-    /// Two reals copied into the loss before and after each evaluation: NaN (so a
-    /// loss the objective leaves unwritten refuses the step instead of being
-    /// stale), then, for the GPU's step-size rule, the host's loss where the
-    /// objective computed it there.
-    loss_in: wgpu::Buffer,
+    /// A NaN, copied into the loss after an evaluation that no norm pass follows
+    /// (which would set it to NaN itself once read), then a real of scratch.
+    nan: wgpu::Buffer,
     /// Copies of the first four scalars (six with the bounds), one slot per step
     /// of a pipelined run.
     staging: wgpu::Buffer,
@@ -133,8 +136,8 @@ impl ScalarSlot {
                 | wgpu::BufferUsages::COPY_DST,
             mapped_at_creation: false,
         });
-        let loss_in = device.create_buffer(&wgpu::BufferDescriptor {
-            label: Some("polyak loss: NaN, host loss"),
+        let nan = device.create_buffer(&wgpu::BufferDescriptor {
+            label: Some("polyak NaN loss, scratch"),
             size: 2 * real,
             usage: wgpu::BufferUsages::COPY_SRC | wgpu::BufferUsages::COPY_DST,
             mapped_at_creation: false,
@@ -148,20 +151,21 @@ impl ScalarSlot {
         let slot = ScalarSlot {
             ctx: ctx.clone(),
             buffer,
-            loss_in,
+            nan,
             staging,
             map_result: Arc::new(Mutex::new(None)),
             real,
             bounds,
             slots: readback_slots.max(1),
         };
-        slot.write(&slot.loss_in, 0, &[f64::NAN]);
+        slot.write(&slot.nan, 0, &[f64::NAN]);
+        slot.write(&slot.buffer, 0, &[f64::NAN]);
         slot
     }
 
     /// Device bytes of the slot and its readback buffer.
     pub(crate) fn bytes(&self) -> u64 {
-        self.buffer.size() + self.loss_in.size() + self.staging.size()
+        self.buffer.size() + self.nan.size() + self.staging.size()
     }
 
     /// The loss, where a GPU objective writes it.
@@ -183,7 +187,8 @@ impl ScalarSlot {
     /// into readback slot `slot`.
     pub(crate) fn encode_readback(&self, encoder: &mut wgpu::CommandEncoder, slot: usize) {
         let size = self.slot_bytes();
-        encoder.copy_buffer_to_buffer(&self.buffer, 0, &self.staging, size * slot as u64, size);
+        let from = READBACK * self.real;
+        encoder.copy_buffer_to_buffer(&self.buffer, from, &self.staging, size * slot as u64, size);
     }
 
     /// Waits for the submitted readback copy of slot 0. Allocates nothing of its own.
@@ -249,24 +254,28 @@ impl ScalarSlot {
     /// Records a clear of the refusal flag, so the next update runs whatever the
     /// norm pass decided (benchmarks only).
     pub(crate) fn clear_refusal(&self, encoder: &mut wgpu::CommandEncoder) {
-        encoder.clear_buffer(&self.buffer, 3 * self.real, Some(self.real));
+        encoder.clear_buffer(&self.buffer, (STEP + 1) * self.real, Some(self.real));
     }
 
-    /// Records setting the loss to NaN, before the objective's commands: a loss
-    /// the objective does not write then refuses the step.
+    /// Records setting the loss to NaN, after an evaluation that no norm pass
+    /// follows (the norm pass sets it to NaN once it has read it): a loss the next
+    /// evaluation does not write then refuses its step.
     pub(crate) fn encode_unwritten_loss(&self, encoder: &mut wgpu::CommandEncoder) {
-        encoder.copy_buffer_to_buffer(&self.loss_in, 0, &self.buffer, 0, self.real);
+        encoder.copy_buffer_to_buffer(&self.nan, 0, &self.buffer, 0, self.real);
     }
 
-    /// Records setting the loss to `loss`, computed on the host, after the
-    /// objective's commands (in the order of the encoder, unlike a queue write).
-    pub(crate) fn encode_host_loss(&self, encoder: &mut wgpu::CommandEncoder, loss: f64) {
-        self.write(&self.loss_in, 1, &[loss]);
-        encoder.copy_buffer_to_buffer(&self.loss_in, self.real, &self.buffer, 0, self.real);
+    /// Records putting the loss the last norm pass used back into the loss slot,
+    /// for a norm pass run again without an evaluation (benchmarks only; through
+    /// the scratch real: a copy within one buffer is not allowed).
+    pub(crate) fn encode_reused_loss(&self, encoder: &mut wgpu::CommandEncoder) {
+        let r = self.real;
+        encoder.copy_buffer_to_buffer(&self.buffer, READBACK * r, &self.nan, r, r);
+        encoder.copy_buffer_to_buffer(&self.nan, r, &self.buffer, 0, r);
     }
 
-    /// Queues a loss into the loss slot directly (kernel tests).
-    #[cfg(test)]
+    /// Queues a loss into the loss slot, for the next submission: the host's loss
+    /// for the GPU's step-size rule (applied before that submission's commands, so
+    /// an objective that returns [`crate::Loss::Host`] must leave the slot alone).
     pub(crate) fn write_loss(&self, loss: f64) {
         self.write(&self.buffer, 0, &[loss]);
     }
@@ -274,6 +283,6 @@ impl ScalarSlot {
     /// Queues a step size computed on the host for the next update, replacing the
     /// one the norm pass wrote, and clears the refusal (the host already checked).
     pub(crate) fn write_step(&self, step: f64) {
-        self.write(&self.buffer, 2, &[step, 0.0]);
+        self.write(&self.buffer, STEP, &[step, 0.0]);
     }
 }

@@ -379,8 +379,8 @@ impl PolyakSgd {
     /// each, and returns their medians in milliseconds. Uses GPU timestamps where the
     /// adapter has them, else the wall clock of each phase submitted alone and waited
     /// for. Runs `reps` norms of the current gradient and `reps` updates with the
-    /// step size the norm pass computes from the loss slot, never refused, so it
-    /// changes the parameters (and velocity) like `reps` steps.
+    /// step size the norm pass computes from the last step's loss, never refused,
+    /// so it changes the parameters (and velocity) like `reps` steps.
     pub fn time_phases(&mut self, reps: usize) -> Result<PhaseTimes> {
         self.buffers.flush()?;
         let reps = reps.max(1);
@@ -407,6 +407,7 @@ impl PolyakSgd {
                     beginning_of_pass_write_index: Some(b),
                     end_of_pass_write_index: Some(e),
                 };
+                self.buffers.scalars.encode_reused_loss(&mut encoder);
                 self.kernels.encode_norm(&mut encoder, Some(writes(0, 1)));
                 self.buffers.scalars.clear_refusal(&mut encoder);
                 self.kernels.encode_update(&mut encoder, Some(writes(2, 3)));
@@ -422,6 +423,7 @@ impl PolyakSgd {
             for _ in 0..reps {
                 let t0 = std::time::Instant::now();
                 let mut encoder = self.encoder();
+                self.buffers.scalars.encode_reused_loss(&mut encoder);
                 self.kernels.encode_norm(&mut encoder, None);
                 self.buffers.scalars.clear_refusal(&mut encoder);
                 self.ctx.queue().submit([encoder.finish()]);
@@ -509,6 +511,7 @@ impl PolyakSgd {
             buffers: &self.buffers,
             encoder: &mut encoder,
         })?;
+        self.buffers.encode_unwritten(&mut encoder);
         self.buffers.clear_velocity(&mut encoder);
         self.submit_checked(encoder, scope)?;
         Ok(State::initial(aux))
@@ -526,15 +529,16 @@ impl PolyakSgd {
     ) -> Result<(Loss, A)> {
         let scope = self.validation_scope();
         let mut encoder = self.encoder();
-        self.buffers.encode_unwritten(&mut encoder);
+        self.buffers.encode_unwritten_partials(&mut encoder);
         let (loss, aux) = f(&mut Evaluation {
             ctx: &self.ctx,
             buffers: &self.buffers,
             encoder: &mut encoder,
         })?;
-        // Only the GPU's rule reads a host loss there (the host rule has it).
+        // Only the GPU's rule reads a host loss there (the host rule has it). A
+        // queue write, applied before this submission: no copy in the step.
         if let (Loss::Host(v), true) = (loss, with_update) {
-            self.buffers.scalars.encode_host_loss(&mut encoder, v);
+            self.buffers.scalars.write_loss(v);
         }
         self.kernels.encode_norm(&mut encoder, None);
         if with_update {

@@ -1,15 +1,17 @@
 //! The kernels' shape options: `ContextOptions::workgroup_size` (the norm and
 //! update kernels at other workgroup sizes, both walks, one and many segments,
 //! against f64; sizes the device cannot take are refused) and
-//! `ContextOptions::unroll` (the same bits at every unrolling).
+//! `ContextOptions::unroll` (the same bits at every unrolling) and
+//! `ContextOptions::one_pass_limit` (the norm and the rule in one dispatch or two,
+//! both against f64).
 
 mod common;
 
 use common::{bits, fixed_f64, two_steps_in};
 use polyak_gpu::conformance::SplitMix64;
 use polyak_gpu::{
-    ContextOptions, Error, GpuContext, Loss, ParamDtype, PolyakConfig, PolyakSgd, StepSizeMode,
-    TensorSpec, VelocityDtype,
+    ContextOptions, DEFAULT_ONE_PASS_LIMIT, Error, GpuContext, Loss, ParamDtype, PolyakConfig,
+    PolyakSgd, StepSizeMode, TensorSpec, VelocityDtype,
 };
 
 fn ctx_with(workgroup_size: u32, contiguous: bool, segment: Option<usize>) -> GpuContext {
@@ -182,4 +184,54 @@ fn unrolled_loops_give_the_same_bits() {
             ..
         })
     ));
+}
+
+#[test]
+fn one_pass_and_two_pass_norms_step_as_f64_says() {
+    for contiguous in [true, false] {
+        for segment in [None, Some(256)] {
+            for limit in [0, 1 << 20] {
+                let ctx = GpuContext::with_options(ContextOptions {
+                    one_pass_limit: Some(limit),
+                    contiguous_invocations: Some(contiguous),
+                    max_segment_elements: segment,
+                    ..Default::default()
+                })
+                .unwrap();
+                assert_eq!(ctx.one_pass_limit(), limit);
+                // One segment of 5,001, or 20 of 256 in one batch: one dispatch
+                // less in one pass. 300,001 is one pass in one segment (293 vec4s
+                // per invocation), two in 1,172 segments (more than a batch).
+                let cfg = PolyakConfig::default().momentum(0.9);
+                let opt = PolyakSgd::new_zeroed(&ctx, cfg.clone(), 5001).unwrap();
+                let two = if segment.is_some() { 1 + 1 + 2 } else { 3 };
+                let fewer = usize::from(limit > 0);
+                assert_eq!(
+                    opt.dispatches_per_step(),
+                    two - fewer,
+                    "{segment:?} {limit}"
+                );
+                for (n, mode) in [
+                    (1, StepSizeMode::Host),
+                    (5001, StepSizeMode::Device),
+                    (300_001, StepSizeMode::Device),
+                ] {
+                    two_steps_in(&ctx, n, 0.9, n as u64 + limit as u64, mode);
+                }
+            }
+        }
+    }
+    // The default: gradients of up to DEFAULT_ONE_PASS_LIMIT elements.
+    let mut ctx = GpuContext::new().unwrap();
+    assert_eq!(ctx.one_pass_limit(), DEFAULT_ONE_PASS_LIMIT);
+    let cfg = PolyakConfig::default();
+    let at = PolyakSgd::new_zeroed(&ctx, cfg.clone(), DEFAULT_ONE_PASS_LIMIT).unwrap();
+    let over = PolyakSgd::new_zeroed(&ctx, cfg.clone(), DEFAULT_ONE_PASS_LIMIT + 1).unwrap();
+    assert_eq!(
+        (at.dispatches_per_step(), over.dispatches_per_step()),
+        (2, 3)
+    );
+    ctx.set_one_pass_limit(0);
+    let never = PolyakSgd::new_zeroed(&ctx, cfg, 4).unwrap();
+    assert_eq!(never.dispatches_per_step(), 3);
 }

@@ -10,7 +10,7 @@ use wgpu::util::DeviceExt;
 pub(super) const MAX_DIM: u32 = 65_535;
 /// Most loop iterations of one invocation. lavapipe was seen to stop a loop after
 /// 65,535 iterations; the geometry adds workgroups rather than go near that.
-const MAX_ITERATIONS: u32 = 4096;
+pub(super) const MAX_ITERATIONS: u32 = 4096;
 
 /// Segments of at most this many elements share dispatches, up to
 /// [`BatchLimits`] of them: a model of many small tensors in separate user
@@ -101,7 +101,7 @@ impl Geometry {
 
     /// The same segment shared by `groups` workgroups (at least as many as
     /// [`Geometry::new`] gave it), some of which may find no share.
-    fn spread(&self, groups: u32) -> Self {
+    pub(super) fn spread(&self, groups: u32) -> Self {
         Geometry {
             chunk: self.n4.div_ceil(groups).max(1),
             groups,

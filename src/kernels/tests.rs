@@ -30,7 +30,7 @@ fn two_dimensional_dispatch_norm_and_update() {
         };
         assert_eq!(geo.dispatch(), (MAX_DIM, 2));
         let kernels =
-            Kernels::with_geometries(&ctx, &bufs, &config, vec![geo], BatchLimits::both(1));
+            Kernels::with_geometries(&ctx, &bufs, &config, vec![geo], BatchLimits::both(1), false);
         let mut rng = SplitMix64::new(11);
         let g: Vec<f32> = (0..n).map(|_| rng.upm1() as f32).collect();
         let p: Vec<f32> = (0..n).map(|_| rng.upm1() as f32).collect();
@@ -121,13 +121,32 @@ fn batched_kernels_give_the_bits_of_one_dispatch_per_segment() {
             let geometries = Kernels::geometries(&ctx, &bufs);
             assert!(geometries.iter().any(|g| g.groups > 1));
             let mut results = Vec::new();
-            // The norm may batch more segments than the update, or fewer.
-            for (norm, update) in [(1, 1), (2, 2), (3, 10), (30, 3)] {
+            // The norm may batch more segments than the update, or fewer, or be
+            // one pass (one workgroup, no final sum; not with the check).
+            for (norm, update, one_pass) in [
+                (1, 1, false),
+                (2, 2, false),
+                (3, 10, false),
+                (30, 3, false),
+                (30, 3, !check),
+            ] {
                 let limits = BatchLimits { norm, update };
-                let k = Kernels::with_geometries(&ctx, &bufs, &config, geometries.clone(), limits);
+                let k = Kernels::with_geometries(
+                    &ctx,
+                    &bufs,
+                    &config,
+                    geometries.clone(),
+                    limits,
+                    one_pass,
+                );
                 let segments = bufs.segments.len();
                 assert_eq!(k.norm.len(), segments.div_ceil(norm));
                 assert_eq!(k.update.len(), segments.div_ceil(update));
+                assert_eq!(k.finish.is_none(), one_pass);
+                assert_eq!(
+                    k.dispatches_per_step(),
+                    k.norm.len() + k.update.len() + 1 - usize::from(one_pass)
+                );
                 bufs.upload_params_f64(&p).unwrap();
                 bufs.upload_grads_f64(&g).unwrap();
                 if momentum > 0.0 {
@@ -142,12 +161,31 @@ fn batched_kernels_give_the_bits_of_one_dispatch_per_segment() {
                 // The norm's partials group differently per batching: the sum
                 // agrees to rounding. The update, with one step, bit for bit.
                 let exact: f64 = g.iter().map(|x| x * x).sum();
-                let tol = if dtype == ParamDtype::F64 {
-                    1e-13
+                let (tol, precision) = if dtype == ParamDtype::F64 {
+                    (1e-13, crate::Precision::F64)
                 } else {
-                    1e-5
+                    (1e-5, crate::Precision::F32)
                 };
-                assert!((s.sqnorm - exact).abs() <= tol * exact, "{limits:?}: {s:?}");
+                let what = format!("{limits:?} one pass {one_pass}: {s:?}");
+                assert!((s.sqnorm - exact).abs() <= tol * exact, "{what}");
+                // Either way the rule ran on the GPU's norm, and took the loss.
+                assert_eq!(s.loss, 0.5, "{what}");
+                let step = crate::polyak_stepsize(0.5, s.sqnorm, &config, precision);
+                assert!(step > 1e-5 && step < 1e-3, "{what}");
+                assert!((s.step - step).abs() <= 1e-6 * step, "{what}");
+                assert_eq!(s.verdict, crate::scalars::Verdict::Applied, "{what}");
+                // The norm pass set the loss slot to NaN once it read it: a pass
+                // with no loss written takes NaN, not the last one.
+                let mut enc = ctx.device().create_command_encoder(&Default::default());
+                k.encode_norm(&mut enc, None);
+                bufs.scalars.encode_readback(&mut enc, 0);
+                ctx.queue().submit([enc.finish()]);
+                let again = bufs.scalars.read().unwrap();
+                assert!(
+                    again.loss.is_nan() && again.step.is_nan(),
+                    "{what}: {again:?}"
+                );
+                assert_eq!(again.sqnorm, s.sqnorm, "{what}");
                 bufs.scalars.write_step(0.25);
                 let mut enc = ctx.device().create_command_encoder(&Default::default());
                 k.encode_update(&mut enc, None);
@@ -276,8 +314,8 @@ fn overflow_bounds_match_f64_and_leave_the_norm_alone() {
             let layout = Layout::new(&specs, 64, 1024).unwrap();
             let bufs = ParamBuffers::new(&ctx, layout, &config, &[], None);
             let geometries = Kernels::geometries(&ctx, &bufs);
-            let k =
-                Kernels::with_geometries(&ctx, &bufs, &config, geometries, BatchLimits::both(most));
+            let limits = BatchLimits::both(most);
+            let k = Kernels::with_geometries(&ctx, &bufs, &config, geometries, limits, false);
             bufs.upload_params_f64(&p).unwrap();
             bufs.upload_grads_f64(&g).unwrap();
             if momentum > 0.0 {

@@ -4,8 +4,9 @@
 # the test binaries of benches/gpu/tests.txt: the kernels against f64, step-size
 # modes, pipelining, the objective's norm, f16 velocity, f64, randomized
 # configurations, checkpoints, ...), polyak-bench with the host rule, the device
-# rule and pipelined, the peers, then blocking waits (every polyak-bench run also
-# times the fixed cost both ways), deferred updates, 300 tensors in separate buffers
+# rule and pipelined, the peers, the norm in one pass or two at 1e4 and 1e5, then
+# blocking waits (every polyak-bench run also times the fixed cost both ways),
+# deferred updates, 300 tensors in separate buffers
 # and in one arena; then the objective's norm, f16 velocity, f64, overflow-check,
 # workgroup-size and unroll benches, the MLP example and an out-of-memory probe.
 # The log in $OUT grows as it goes, so a cut-off call still returns what ran.
@@ -45,6 +46,9 @@ bench() { local name=$1; shift; timeout 90 $B/polyak-bench --cpu-max 1 --json "$
   step polyak-bench device; bench device --sizes "$SIZES" --momentum on --stepsize device
   step polyak-bench device, 16 steps per wait; bench pipelined --sizes "$SIZES" --momentum on --stepsize device --sync-every 16
   step peers; PYTHONUNBUFFERED=1 timeout 180 python3 benches/peers/peers.py --sizes "$PEERS" --reps 20 --json "$J/peers.json" 2>&1 | grep -v -i warn
+  step "polyak-bench, the norm in two passes (one-pass limit 0), then one pass up to 1e6"
+  bench two-pass --sizes 1e4,1e5 --momentum on --stepsize device --one-pass-limit 0
+  bench one-pass --sizes 1e4,1e5 --momentum on --stepsize device --one-pass-limit 1e6
   step polyak-bench, blocking waits: host rule, device rule, deferred updates
   bench block-host --sizes 1e4,1e6,1e7,1e8 --wait block
   bench block-device --sizes 1e4,1e8 --momentum on --stepsize device --wait block

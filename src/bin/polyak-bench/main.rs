@@ -29,6 +29,8 @@ options:
   --workgroup-size N  invocations per workgroup, a power of two (default 256)
   --unroll U          vec4s each invocation loads per loop iteration: 1, 2, 4, 8
                       (default 1)
+  --one-pass-limit N  largest gradient whose norm and step size one workgroup
+                      computes in one dispatch (default 16384; 0: never)
   --deferred on|off   submit each update with the next step (default off)
   --wait block|spin   how each wait for the GPU waits (default: spin on a GPU,
                       block on a CPU adapter; the fixed overhead is measured both
@@ -69,6 +71,7 @@ struct Args {
     max_workgroups: Option<u32>,
     workgroup_size: Option<u32>,
     unroll: Option<u32>,
+    one_pass_limit: Option<usize>,
     wait: Option<WaitMode>,
     deferred: bool,
     stepsize: StepSizeMode,
@@ -102,6 +105,7 @@ fn parse_args() -> std::result::Result<Args, String> {
         max_workgroups: None,
         workgroup_size: None,
         unroll: None,
+        one_pass_limit: None,
         wait: None,
         deferred: false,
         stepsize: StepSizeMode::Host,
@@ -148,6 +152,8 @@ fn parse_args() -> std::result::Result<Args, String> {
             "--max-workgroups" => a.max_workgroups = Some(parse_count(&value)? as u32),
             "--workgroup-size" => a.workgroup_size = Some(parse_count(&value)? as u32),
             "--unroll" => a.unroll = Some(parse_count(&value)? as u32),
+            "--one-pass-limit" if value.trim() == "0" => a.one_pass_limit = Some(0),
+            "--one-pass-limit" => a.one_pass_limit = Some(parse_count(&value)?),
             "--deferred" => a.deferred = value == "on",
             "--wait" => {
                 a.wait = match value.as_str() {
@@ -353,6 +359,7 @@ fn run(args: &Args) -> Result<()> {
         max_workgroups: args.max_workgroups,
         workgroup_size: args.workgroup_size,
         unroll: args.unroll,
+        one_pass_limit: args.one_pass_limit,
         wait_mode: args.wait,
         // One copy-rate run is 20 copies in one submission: about a minute at 1e9
         // on lavapipe, past the default wait timeout.
@@ -366,7 +373,8 @@ fn run(args: &Args) -> Result<()> {
         .contains(wgpu::Features::TIMESTAMP_QUERY);
     println!("adapter: {}", ctx.describe());
     println!(
-        "phase times from {}; {} workgroups max per dispatch, {} invocations each, {} vec4s per iteration; {} waits",
+        "phase times from {}; {} workgroups max per dispatch, {} invocations each, {} vec4s per iteration; \
+         norm in one dispatch up to {} elements; {} waits",
         if timestamps {
             "GPU timestamps"
         } else {
@@ -375,6 +383,7 @@ fn run(args: &Args) -> Result<()> {
         ctx.max_workgroups(),
         ctx.workgroup_size(),
         ctx.unroll(),
+        ctx.one_pass_limit(),
         wait_name(ctx.wait_mode())
     );
 
@@ -429,8 +438,8 @@ fn run(args: &Args) -> Result<()> {
         let trip = RoundTrip::measure(&ctx, args.reps.max(50))?;
         println!(
             "  the device's own round trip, {} waits: {:.4} ms for an empty submission, \
-             {:.4} ms for a 4-byte readback, {:.4} ms after 3 tiny dispatches, {:.4} ms \
-             with 2 copies too",
+             {:.4} ms for a 4-byte readback, {:.4} ms after 2 tiny dispatches, {:.4} ms \
+             with a copy too",
             wait_name(mode),
             trip.empty_ms,
             trip.readback_ms,
@@ -442,7 +451,7 @@ fn run(args: &Args) -> Result<()> {
             json!({"host": ms[0], "device": ms[1], "pipelined": ms[2],
                    "empty_submission": trip.empty_ms, "readback_4_bytes": trip.readback_ms,
                    "dispatches_and_readback": trip.dispatches_ms,
-                   "copies_dispatches_and_readback": trip.step_shape_ms}),
+                   "copy_dispatches_and_readback": trip.step_shape_ms}),
         );
         if mode == wait {
             overheads = ms;
@@ -564,6 +573,7 @@ fn run(args: &Args) -> Result<()> {
             "max_workgroups": ctx.max_workgroups(),
             "workgroup_size": ctx.workgroup_size(),
             "unroll": ctx.unroll(),
+            "one_pass_limit": ctx.one_pass_limit(),
             "deferred_updates": args.deferred,
             "stepsize_mode": mode_name(args.stepsize),
             "copy_GBps": copy_gbps,

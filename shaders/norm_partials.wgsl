@@ -1,11 +1,11 @@
 // Squared L2 norm, pass 1 of 2 (`main`): each workgroup sums g*g over its share of
-// the gradient segments of its batch and writes a single partial. Fixed order, no
-// atomics, so the result is bitwise repeatable on one adapter. At small sizes one
-// workgroup does both passes (`single`): it sums the whole gradient and applies the
-// step-size rule itself, one dispatch where two would cost a waited step twice the
-// dispatches' fixed cost. `real` / `real4` (f32 or f64) come from the precision
-// prelude, the rule (`decide`, bindings 2 and 3) from rule.wgsl, and the batch
-// (`batch`, `walk`) from batch.wgsl, which the host puts in front (kernels.rs).
+// the gradient segments of its batch (`share`, square_sum.wgsl) and writes a single
+// partial. At small sizes one workgroup does both passes (`single`): it sums the
+// whole gradient and applies the step-size rule itself, one dispatch where two
+// would cost a waited step twice the dispatches' fixed cost. `real` / `real4` (f32
+// or f64) come from the precision prelude, the rule (`decide`, bindings 2 and 3)
+// from rule.wgsl, the batch (`batch`, `walk`) from batch.wgsl, which the host puts
+// in front (kernels.rs).
 
 // binding 0: one partial sum per workgroup of every segment (`main` only).
 @group(0) @binding(0) var<storage, read_write> partials: array<real>;
@@ -14,46 +14,7 @@
 // binding $BG: the gradient of segment $K of the batch, read only (zero in padding
 // and gaps).
 @group(0) @binding($BG) var<storage, read> grads_$K: array<real4>;
-fn sum_$K(w: vec3<u32>) -> real4 {
-    var acc = real4(0.0);
-    var i = w.x;
-    // @unrolled
-    for (; i + (UNROLL - 1u) * w.z < w.y; i += UNROLL * w.z) {
-        // @repeat
-        let g$u = grads_$K[i + $uu * w.z];
-        // @end repeat
-        // @repeat
-        acc += g$u * g$u;
-        // @end repeat
-    }
-    // @end unrolled
-    for (; i < w.y; i += w.z) {
-        let g = grads_$K[i];
-        acc += g * g;
-    }
-    return acc;
-}
 // @end
-
-var<workgroup> sums: array<real, WG>;
-
-// The sum of g*g over workgroup `g`'s share of every segment of the batch (called
-// by the whole workgroup, in uniform control flow).
-fn share(g: u32, lid: u32) -> real {
-    var acc = real4(0.0);
-    // @each
-    acc += sum_$K(walk(batch.seg[$K], g, lid));
-    // @end
-    sums[lid] = (acc.x + acc.y) + (acc.z + acc.w);
-    workgroupBarrier();
-    for (var s = WG / 2u; s > 0u; s >>= 1u) {
-        if (lid < s) {
-            sums[lid] += sums[lid + s];
-        }
-        workgroupBarrier();
-    }
-    return sums[0];
-}
 
 @compute @workgroup_size(WG)
 fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32) {

@@ -2,17 +2,19 @@
 // its batch:
 //   with momentum:    v = momentum * v - step * g;  p = p + v      (entry point `momentum`)
 //   without momentum: p = p + (-step) * g, no velocity traffic     (entry point `plain`)
+// A small step with the step size on the device is one dispatch of one workgroup
+// (`step_momentum`, `step_plain`): the squared norm (`share`, square_sum.wgsl), the
+// rule (`decide`, rule.wgsl), then the update.
 //
 // `real4` (vec4 of f32 or f64) and `velocity4`, the velocity's storage type, come
 // from the precision prelude the host puts in front (kernels.rs): `velocity4` is
 // `real4`, or `vec4<f16>` after `enable f16;` for an f16 velocity (the update
 // computes in `real` either way and rounds only what it stores, through
 // `to_velocity`, which saturates an f16 velocity at +-65504). The batch (`batch`,
-// `segment_of`, `walk`) comes from batch.wgsl, also put in front.
-
-// binding 0: the scalars slot of rule.wgsl: [3] = the step size, [4] = not 0.0
-// if this update must not run (refused, or the run halted), [10] = the momentum.
-@group(0) @binding(0) var<storage, read> scalars: array<real, 14>;
+// `walk`) comes from batch.wgsl, and the scalars slot (binding 2: [3] = the step
+// size, [4] = not 0.0 if this update must not run (refused, or the run halted),
+// [10] = the momentum) and the rule (binding 3, the one-dispatch step only) from
+// rule.wgsl, also put in front.
 
 // @each
 // bindings $BP, $BG, $BV: the parameters (updated in place), the gradient and the
@@ -70,6 +72,40 @@ fn momentum(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_ind
     let momentum = scalars[10];
     // @each
     momentum_$K(walk(batch.seg[$K], g, lid), step, momentum);
+    // @end
+}
+
+// The one-dispatch step: whether the update runs, after the whole workgroup
+// summed the squared norm and its first invocation applied the rule.
+fn decided(lid: u32) -> bool {
+    let sqnorm = share(0u, lid);
+    if (lid == 0u) {
+        decide(sqnorm, -LIMIT, LIMIT);
+    }
+    storageBarrier(); // what invocation 0 wrote, for every invocation
+    return scalars[4] == 0.0;
+}
+
+@compute @workgroup_size(WG)
+fn step_momentum(@builtin(local_invocation_index) lid: u32) {
+    if (!decided(lid)) {
+        return;
+    }
+    let step = scalars[3];
+    let momentum = scalars[10];
+    // @each
+    momentum_$K(walk(batch.seg[$K], 0u, lid), step, momentum);
+    // @end
+}
+
+@compute @workgroup_size(WG)
+fn step_plain(@builtin(local_invocation_index) lid: u32) {
+    if (!decided(lid)) {
+        return;
+    }
+    let neg_step = -scalars[3];
+    // @each
+    plain_$K(walk(batch.seg[$K], 0u, lid), neg_step);
     // @end
 }
 

@@ -51,6 +51,9 @@ enum Pass {
     Single,
     /// The update (`update.wgsl`).
     Update,
+    /// The norm, the rule and the update in one workgroup (`update.wgsl`'s `step_`
+    /// entry points).
+    Step,
 }
 
 /// One recorded dispatch: which of [`Kernels`]' pipelines, its bind group, its grid.
@@ -75,6 +78,10 @@ pub(crate) struct Kernels {
     finish: Option<(wgpu::ComputePipeline, wgpu::BindGroup)>,
     /// The update: one dispatch per segment or batch of small segments.
     update: Vec<Dispatch>,
+    /// The whole step in one dispatch of one workgroup, for the GPU's step-size
+    /// rule, where the gradient is small enough for the one-pass norm and its
+    /// segments fit one update batch.
+    step: Option<Dispatch>,
     /// The final pass's `Rule` (partial count, variant, policy, check).
     rule: wgpu::Buffer,
     /// The partials the final pass sums.
@@ -85,6 +92,8 @@ pub(crate) struct Kernels {
 
 /// The step-size rule (`decide`), put in front of the kernels that end the norm.
 const RULE: &str = include_str!("../shaders/rule.wgsl");
+/// A workgroup's sum of g*g (`share`), put in front of the kernels that sum it.
+const SQUARE_SUM: &str = include_str!("../shaders/square_sum.wgsl");
 
 /// `len` elements of `region`, as a binding.
 fn resource(region: &Region, len: usize) -> wgpu::BindingResource<'_> {
@@ -323,13 +332,14 @@ impl Kernels {
         // The norm pass binds every vector read-only: any small segments may share
         // its dispatches. None when the objective computes the norm.
         let mut ours = 0; // norm partials: one per workgroup of every batch
+        // In one pass one workgroup walks every segment.
+        let one_workgroup = || {
+            let one: Vec<_> = geometries.iter().map(|g| g.spread(1)).collect();
+            BatchGeometry::new(&one, 0, Sharing::All)
+        };
         let norm_batches: Vec<_> = match bufs.objective_norm {
             Some(_) => Vec::new(),
-            // One workgroup walks every segment.
-            None if one_pass => {
-                let one: Vec<_> = geometries.iter().map(|g| g.spread(1)).collect();
-                vec![(0..lens.len(), BatchGeometry::new(&one, 0, Sharing::All))]
-            }
+            None if one_pass => vec![(0..lens.len(), one_workgroup())],
             None => batches(&lens, limits.norm, |_, _| false)
                 .into_iter()
                 .map(|batch| {
@@ -383,6 +393,7 @@ impl Kernels {
             norm: Vec::new(),
             finish,
             update: Vec::new(),
+            step: None,
             uniform_bytes: rule.size(),
             rule: rule.clone(), // (a handle: the bindings above borrow this one)
             partial_count: count,
@@ -427,24 +438,53 @@ impl Kernels {
             clash(&segments[i], &segments[j])
         }) {
             let geometry = BatchGeometry::new(&geometries[batch.clone()], 0, sharing);
-            let segs = &segments[batch];
-            let pipeline = kernels.pipeline_for(ctx, bufs, config, Pass::Update, segs.len());
-            let geo = geometry.uniform(ctx);
-            kernels.uniform_bytes += geo.size();
-            // update.wgsl: scalars 0, geometry 1, then params, gradient and velocity
-            // of each segment from 2.
-            let mut entries = vec![
-                (0, bufs.scalars.buffer.as_entire_binding()),
-                (1, geo.as_entire_binding()),
-            ];
-            entries.extend(vector_entries(segs, 2));
-            kernels.update.push(Dispatch {
-                group: bind_group(ctx, &kernels.pipelines[pipeline], &entries),
-                pipeline,
-                grid: geometry.grid(),
-            });
+            let dispatch =
+                kernels.update_dispatch(ctx, bufs, config, Pass::Update, batch, geometry);
+            kernels.update.push(dispatch);
+        }
+        // The whole step in one workgroup: the one-pass norm's walk (every segment
+        // that one workgroup's), the update's bindings.
+        let update_batches = batches(&lens, limits.update, |i, j| {
+            clash(&segments[i], &segments[j])
+        });
+        if let ([batch], true) = (&update_batches[..], one_pass) {
+            let geometry = one_workgroup();
+            let dispatch =
+                kernels.update_dispatch(ctx, bufs, config, Pass::Step, batch.clone(), geometry);
+            kernels.step = Some(dispatch);
         }
         kernels
+    }
+
+    /// The dispatch of `pass` (the update, or the whole step) over segments `batch`
+    /// laid out by `geometry`: update.wgsl's geometry 1, scalars 2 (the rule 3 in a
+    /// whole step), then params, gradient and velocity of each segment from 4.
+    fn update_dispatch(
+        &mut self,
+        ctx: &GpuContext,
+        bufs: &ParamBuffers,
+        config: &PolyakConfig,
+        pass: Pass,
+        batch: std::ops::Range<usize>,
+        geometry: BatchGeometry,
+    ) -> Dispatch {
+        let segs = &bufs.segments[batch];
+        let pipeline = self.pipeline_for(ctx, bufs, config, pass, segs.len());
+        let geo = geometry.uniform(ctx);
+        self.uniform_bytes += geo.size();
+        let mut entries = vec![
+            (1, geo.as_entire_binding()),
+            (2, bufs.scalars.buffer.as_entire_binding()),
+        ];
+        if pass == Pass::Step {
+            entries.push((3, self.rule.as_entire_binding()));
+        }
+        entries.extend(vector_entries(segs, 4));
+        Dispatch {
+            group: bind_group(ctx, &self.pipelines[pipeline], &entries),
+            pipeline,
+            grid: geometry.grid(),
+        }
     }
 
     /// The index of `pass`'s pipeline for batches of `m` segments, compiled the
@@ -460,8 +500,9 @@ impl Kernels {
         if let Some(&(.., i)) = self.compiled.iter().find(|c| (c.0, c.1) == (pass, m)) {
             return i;
         }
-        // The precision prelude, then batch.wgsl, then the kernel, unrolled as the
-        // context says and written out for m.
+        // The precision prelude, then batch.wgsl, then the kernel (after the rule
+        // and the square sum where it uses them), unrolled as the context says and
+        // written out for m.
         let source = |text: &str, subst: &dyn Fn(usize) -> Vec<(&'static str, usize)>| {
             let text = unroll(&(BATCH.to_string() + text), ctx.unroll());
             let text = expand(&text, m, subst);
@@ -474,12 +515,14 @@ impl Kernels {
         };
         let constants = ctx.kernel_constants();
         let compiled = match pass {
-            Pass::Update => {
-                let text = source(
-                    include_str!("../shaders/update.wgsl"),
-                    &vector_placeholders(2),
-                );
-                pipeline(ctx, &module(ctx, "update", text), entry, &constants)
+            Pass::Update | Pass::Step => {
+                let text = [RULE, SQUARE_SUM, include_str!("../shaders/update.wgsl")].concat();
+                let text = source(&text, &vector_placeholders(4));
+                let entry = match pass {
+                    Pass::Step => format!("step_{entry}"),
+                    _ => entry.to_string(),
+                };
+                pipeline(ctx, &module(ctx, "update", text), &entry, &constants)
             }
             Pass::Norm if config.check_overflow => {
                 let text = source(
@@ -489,7 +532,12 @@ impl Kernels {
                 pipeline(ctx, &module(ctx, "norm_guard", text), entry, &constants)
             }
             Pass::Norm | Pass::Single => {
-                let text = RULE.to_string() + include_str!("../shaders/norm_partials.wgsl");
+                let text = [
+                    RULE,
+                    SQUARE_SUM,
+                    include_str!("../shaders/norm_partials.wgsl"),
+                ]
+                .concat();
                 let text = source(&text, &|k| vec![("$K", k), ("$BG", 4 + k)]);
                 let entry = if pass == Pass::Single {
                     "single"
@@ -523,7 +571,11 @@ impl Kernels {
     /// Compute dispatches in one step: the norm of each segment or batch of small
     /// segments (none when the objective computes the norm), the final sum, the
     /// update of each. It grows with the segment count, never the tensor count.
-    pub fn dispatches_per_step(&self) -> usize {
+    /// With the step size from the GPU (`device_rule`) a small step is one.
+    pub fn dispatches_per_step(&self, device_rule: bool) -> usize {
+        if device_rule && self.step.is_some() {
+            return 1;
+        }
         self.norm.len() + usize::from(self.finish.is_some()) + self.update.len()
     }
 
@@ -558,6 +610,24 @@ impl Kernels {
             pass.set_pipeline(finish);
             pass.set_bind_group(0, group, &[]);
             pass.dispatch_workgroups(1, 1, 1);
+        }
+    }
+
+    /// Records a whole step with the step size from the GPU: the norm passes and
+    /// the update, or the one dispatch that does both where the step is small.
+    pub fn encode_step(&self, encoder: &mut wgpu::CommandEncoder) {
+        match &self.step {
+            Some(step) => {
+                let mut pass = encoder.begin_compute_pass(&wgpu::ComputePassDescriptor {
+                    label: Some("polyak step"),
+                    timestamp_writes: None,
+                });
+                self.record(&mut pass, std::slice::from_ref(step));
+            }
+            None => {
+                self.encode_norm(encoder, None);
+                self.encode_update(encoder, None);
+            }
         }
     }
 

@@ -370,9 +370,13 @@ impl PolyakSgd {
     /// Compute dispatches the optimizer records per step (its own, not the
     /// objective's): a norm and an update per segment or batch of small segments
     /// (the norm's batches hold more of them), plus the final sum; no norm when the
-    /// objective computes it. It does not grow with the number of tensors.
+    /// objective computes it. It does not grow with the number of tensors. A
+    /// gradient of at most [`GpuContext::one_pass_limit`] elements needs no final
+    /// sum, and with the step size from the GPU is one dispatch in all (see
+    /// [`crate::ContextOptions::one_pass_limit`]).
     pub fn dispatches_per_step(&self) -> usize {
-        self.kernels.dispatches_per_step()
+        let device_rule = self.config.stepsize_mode == StepSizeMode::Device;
+        self.kernels.dispatches_per_step(device_rule)
     }
 
     /// For benchmarks: times the two phases of a step on the device, `reps` times
@@ -540,9 +544,10 @@ impl PolyakSgd {
         if let (Loss::Host(v), true) = (loss, with_update) {
             self.buffers.scalars.write_loss(v);
         }
-        self.kernels.encode_norm(&mut encoder, None);
         if with_update {
-            self.kernels.encode_update(&mut encoder, None);
+            self.kernels.encode_step(&mut encoder);
+        } else {
+            self.kernels.encode_norm(&mut encoder, None);
         }
         self.buffers.scalars.encode_readback(&mut encoder, slot);
         self.submit_checked(encoder, scope)?;

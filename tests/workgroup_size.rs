@@ -201,7 +201,8 @@ fn one_pass_and_two_pass_norms_step_as_f64_says() {
                 assert_eq!(ctx.one_pass_limit(), limit);
                 // One segment of 5,001, or 20 of 256 in one batch: one dispatch
                 // less in one pass. 300,001 is one pass in one segment (293 vec4s
-                // per invocation), two in 1,172 segments (more than a batch).
+                // per invocation; with the GPU's rule the whole step in one
+                // workgroup), two in 1,172 segments (more than a batch).
                 let cfg = PolyakConfig::default().momentum(0.9);
                 let opt = PolyakSgd::new_zeroed(&ctx, cfg.clone(), 5001).unwrap();
                 let two = if segment.is_some() { 1 + 1 + 2 } else { 3 };
@@ -211,6 +212,16 @@ fn one_pass_and_two_pass_norms_step_as_f64_says() {
                     two - fewer,
                     "{segment:?} {limit}"
                 );
+                // With the GPU's rule the whole step is one dispatch where the
+                // update's bindings take every segment (not 20).
+                let device = cfg.clone().stepsize_mode(StepSizeMode::Device);
+                let opt = PolyakSgd::new_zeroed(&ctx, device, 5001).unwrap();
+                let whole = if limit > 0 && segment.is_none() {
+                    1
+                } else {
+                    two - fewer
+                };
+                assert_eq!(opt.dispatches_per_step(), whole, "{segment:?} {limit}");
                 for (n, mode) in [
                     (1, StepSizeMode::Host),
                     (5001, StepSizeMode::Device),

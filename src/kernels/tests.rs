@@ -122,13 +122,15 @@ fn batched_kernels_give_the_bits_of_one_dispatch_per_segment() {
             assert!(geometries.iter().any(|g| g.groups > 1));
             let mut results = Vec::new();
             // The norm may batch more segments than the update, or fewer, or be
-            // one pass (one workgroup, no final sum; not with the check).
+            // one pass (one workgroup, no final sum; not with the check), and then
+            // the whole step one dispatch where the update is one batch.
             for (norm, update, one_pass) in [
                 (1, 1, false),
                 (2, 2, false),
                 (3, 10, false),
                 (30, 3, false),
                 (30, 3, !check),
+                (30, 10, !check),
             ] {
                 let limits = BatchLimits { norm, update };
                 let k = Kernels::with_geometries(
@@ -143,10 +145,18 @@ fn batched_kernels_give_the_bits_of_one_dispatch_per_segment() {
                 assert_eq!(k.norm.len(), segments.div_ceil(norm));
                 assert_eq!(k.update.len(), segments.div_ceil(update));
                 assert_eq!(k.finish.is_none(), one_pass);
+                let whole = one_pass && k.update.len() == 1;
+                assert_eq!(k.step.is_some(), whole);
                 assert_eq!(
-                    k.dispatches_per_step(),
+                    k.dispatches_per_step(false),
                     k.norm.len() + k.update.len() + 1 - usize::from(one_pass)
                 );
+                let device = if whole {
+                    1
+                } else {
+                    k.dispatches_per_step(false)
+                };
+                assert_eq!(k.dispatches_per_step(true), device);
                 bufs.upload_params_f64(&p).unwrap();
                 bufs.upload_grads_f64(&g).unwrap();
                 if momentum > 0.0 {
@@ -192,6 +202,33 @@ fn batched_kernels_give_the_bits_of_one_dispatch_per_segment() {
                 ctx.queue().submit([enc.finish()]);
                 let got_v = bufs.download_velocity_f64().unwrap();
                 results.push((bufs.download_params_f64().unwrap(), got_v));
+                if whole {
+                    // The whole step in one dispatch gives the bits of the norm
+                    // pass and the update apart, and the same scalars.
+                    let mut outcomes = Vec::new();
+                    for apart in [true, false] {
+                        bufs.upload_params_f64(&p).unwrap();
+                        if momentum > 0.0 {
+                            bufs.upload_velocity_f64(&v).unwrap();
+                        }
+                        bufs.scalars.write_loss(0.5);
+                        let mut enc = ctx.device().create_command_encoder(&Default::default());
+                        if apart {
+                            k.encode_norm(&mut enc, None);
+                            k.encode_update(&mut enc, None);
+                        } else {
+                            k.encode_step(&mut enc);
+                        }
+                        bufs.scalars.encode_readback(&mut enc, 0);
+                        ctx.queue().submit([enc.finish()]);
+                        let s = bufs.scalars.read().unwrap();
+                        let v = bufs.download_velocity_f64().unwrap();
+                        outcomes.push((s, bufs.download_params_f64().unwrap(), v));
+                    }
+                    assert_eq!(outcomes[0].0, s, "{what}");
+                    assert!(outcomes[0].1 != p, "{what}: nothing moved");
+                    assert!(outcomes[0] == outcomes[1], "{what}");
+                }
             }
             let what = format!(
                 "{dtype:?} {velocity:?} momentum {momentum} check {check}, contiguous {contiguous}"

@@ -207,21 +207,22 @@ impl CopyBench {
 /// The least a step that waits for the GPU can cost on this device, in ms (medians
 /// of `reps` after a few untimed, with the context's wait mode): an empty
 /// submission waited for; a 4-byte copy into a mapped readback buffer, submitted,
-/// waited for and read, as every waited step does; the same after two tiny
-/// dispatches in two compute passes (a small step's one-pass norm and its
-/// update); and after those with a 4-byte copy before them (the loss a GPU
-/// objective writes, or the step size of the host's rule). Our step costs what
-/// these cost plus its own recording and work.
+/// waited for and read, as every waited step does; and the shapes of a small step:
+/// a 4-byte copy and one tiny dispatch before the readback (the device's rule: the
+/// loss a GPU objective writes, then the whole step in one workgroup), or a copy
+/// and two dispatches in two compute passes (the host's rule: its step size, the
+/// update, the next norm). Our step costs what these cost plus its own recording
+/// and work.
 #[derive(Debug, Clone, Copy)]
 pub struct RoundTrip {
     /// An empty submission, waited for.
     pub empty_ms: f64,
     /// A 4-byte readback: copy, submit, map, wait, read, unmap.
     pub readback_ms: f64,
-    /// Two one-workgroup dispatches in two passes, then the readback.
-    pub dispatches_ms: f64,
-    /// A 4-byte copy, the two dispatches, then the readback.
-    pub step_shape_ms: f64,
+    /// A 4-byte copy, one one-workgroup dispatch, then the readback.
+    pub device_shape_ms: f64,
+    /// A 4-byte copy, two one-workgroup dispatches in two passes, then the readback.
+    pub host_shape_ms: f64,
 }
 
 impl RoundTrip {
@@ -286,8 +287,8 @@ impl RoundTrip {
         Ok(RoundTrip {
             empty_ms: median_ms(&empty)?,
             readback_ms: median_ms(&|| round(&[], false))?,
-            dispatches_ms: median_ms(&|| round(&[1, 1], false))?,
-            step_shape_ms: median_ms(&|| round(&[1, 1], true))?,
+            device_shape_ms: median_ms(&|| round(&[1], true))?,
+            host_shape_ms: median_ms(&|| round(&[1, 1], true))?,
         })
     }
 }

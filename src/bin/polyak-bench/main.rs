@@ -438,20 +438,20 @@ fn run(args: &Args) -> Result<()> {
         let trip = RoundTrip::measure(&ctx, args.reps.max(50))?;
         println!(
             "  the device's own round trip, {} waits: {:.4} ms for an empty submission, \
-             {:.4} ms for a 4-byte readback, {:.4} ms after 2 tiny dispatches, {:.4} ms \
-             with a copy too",
+             {:.4} ms for a 4-byte readback, {:.4} ms after a copy and a tiny dispatch \
+             (the device rule's small step), {:.4} ms after a copy and 2 (the host rule's)",
             wait_name(mode),
             trip.empty_ms,
             trip.readback_ms,
-            trip.dispatches_ms,
-            trip.step_shape_ms
+            trip.device_shape_ms,
+            trip.host_shape_ms
         );
         by_wait.insert(
             wait_name(mode).into(),
             json!({"host": ms[0], "device": ms[1], "pipelined": ms[2],
                    "empty_submission": trip.empty_ms, "readback_4_bytes": trip.readback_ms,
-                   "dispatches_and_readback": trip.dispatches_ms,
-                   "copy_dispatches_and_readback": trip.step_shape_ms}),
+                   "device_rule_shape": trip.device_shape_ms,
+                   "host_rule_shape": trip.host_shape_ms}),
         );
         if mode == wait {
             overheads = ms;

@@ -36,8 +36,8 @@ pub struct PreUpdate<'a> {
 #[derive(Debug, Clone, Copy, PartialEq)]
 #[non_exhaustive]
 pub struct PhaseTimes {
-    /// Both norm passes (only the final sum when the objective computes the norm), in
-    /// milliseconds.
+    /// The norm passes (only the final sum when the objective computes the norm; one
+    /// pass for a small gradient), in milliseconds.
     pub norm_ms: f64,
     /// The fused update, in milliseconds.
     pub update_ms: f64,
@@ -217,11 +217,13 @@ impl PolyakSgdBuilder {
 /// `PolyakSGD`.
 ///
 /// Under [`StepSizeMode::Host`] (the default) each update is one submission (the
-/// objective's own kernels, then the two norm passes, then a 16-byte copy of loss
-/// and squared norm), one wait for those bytes, the step size on the CPU, and one
+/// objective's own kernels, then the norm passes, then a 16-byte copy of loss and
+/// squared norm), one wait for those bytes, the step size on the CPU, and one
 /// submission of the fused update. Under [`StepSizeMode::Device`] the step size is
 /// computed on the GPU and the update goes in the first submission: one submission
-/// and one wait per step. A step creates no pipeline, bind group or buffer.
+/// and one wait per step (and one dispatch for a gradient of at most
+/// [`GpuContext::one_pass_limit`] elements). A step creates no pipeline, bind group
+/// or buffer.
 ///
 /// ```
 /// use polyak_gpu::{GpuContext, Loss, PolyakConfig, PolyakSgd};
@@ -521,7 +523,7 @@ impl PolyakSgd {
         Ok(State::initial(aux))
     }
 
-    /// Records and submits the objective, both norm passes, the update too if
+    /// Records and submits the objective, the norm passes, the update too if
     /// `with_update` (the step size then comes from the GPU), and the copy of the
     /// scalars into readback slot `slot`, in one submission; returns what the
     /// objective returned. A deferred update of the previous step goes first.

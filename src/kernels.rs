@@ -434,19 +434,17 @@ impl Kernels {
             });
         }
         let segments = &bufs.segments;
-        for batch in batches(&lens, limits.update, |i, j| {
+        let update_batches = batches(&lens, limits.update, |i, j| {
             clash(&segments[i], &segments[j])
-        }) {
+        });
+        for batch in &update_batches {
             let geometry = BatchGeometry::new(&geometries[batch.clone()], 0, sharing);
             let dispatch =
-                kernels.update_dispatch(ctx, bufs, config, Pass::Update, batch, geometry);
+                kernels.update_dispatch(ctx, bufs, config, Pass::Update, batch.clone(), geometry);
             kernels.update.push(dispatch);
         }
         // The whole step in one workgroup: the one-pass norm's walk (every segment
         // that one workgroup's), the update's bindings.
-        let update_batches = batches(&lens, limits.update, |i, j| {
-            clash(&segments[i], &segments[j])
-        });
         if let ([batch], true) = (&update_batches[..], one_pass) {
             let geometry = one_workgroup();
             let dispatch =

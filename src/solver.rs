@@ -552,7 +552,12 @@ impl PolyakSgd {
             self.kernels.encode_norm(&mut encoder, None);
         }
         self.buffers.scalars.encode_readback(&mut encoder, slot);
-        self.submit_checked(encoder, scope)?;
+        if let Err(e) = self.submit_checked(encoder, scope) {
+            // Nothing of the step ran: a host loss queued for it must not be the
+            // loss of the next evaluation, which may leave the slot unwritten.
+            self.buffers.scalars.write_loss(f64::NAN);
+            return Err(e);
+        }
         Ok((loss, aux))
     }
 

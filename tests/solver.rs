@@ -531,5 +531,18 @@ fn an_invalid_command_of_the_objective_is_an_error_and_runs_nothing() {
         let s2 = opt.update(&s1, fixed(&g, 1.0)).unwrap();
         assert_eq!(s2.iter_num, 2);
         assert_ne!(opt.download_params().unwrap(), one_step());
+        if mode == StepSizeMode::Device {
+            // The host loss queued for the rejected step does not outlive it: an
+            // evaluation that then leaves the loss slot unwritten is refused.
+            assert!(is_invalid(&opt.update(&s2, bad)));
+            let unwritten = |ev: &mut Evaluation<'_>| {
+                ev.write_grads(&g)?;
+                Ok((Loss::Device, ()))
+            };
+            match opt.update(&s2, unwritten) {
+                Err(Error::NonFinite { value, .. }) => assert!(value.is_nan(), "{value}"),
+                other => panic!("expected a refusal, got {other:?}"),
+            }
+        }
     }
 }

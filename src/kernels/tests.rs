@@ -120,6 +120,22 @@ fn batched_kernels_give_the_bits_of_one_dispatch_per_segment() {
             assert!(bufs.segments.len() >= 5, "{}", bufs.segments.len());
             let geometries = Kernels::geometries(&ctx, &bufs);
             assert!(geometries.iter().any(|g| g.groups > 1));
+            // The vectors as drawn.
+            let restore = || {
+                bufs.upload_params_f64(&p).unwrap();
+                bufs.upload_grads_f64(&g).unwrap();
+                if momentum > 0.0 {
+                    bufs.upload_velocity_f64(&v).unwrap();
+                }
+            };
+            // The scalars after the commands `record` records.
+            let scalars_after = |record: &dyn Fn(&mut wgpu::CommandEncoder)| {
+                let mut enc = ctx.device().create_command_encoder(&Default::default());
+                record(&mut enc);
+                bufs.scalars.encode_readback(&mut enc, 0);
+                ctx.queue().submit([enc.finish()]);
+                bufs.scalars.read().unwrap()
+            };
             let mut results = Vec::new();
             // The norm may batch more segments than the update, or fewer, or be
             // one pass (one workgroup, no final sum; not with the check), and then
@@ -151,23 +167,11 @@ fn batched_kernels_give_the_bits_of_one_dispatch_per_segment() {
                     k.dispatches_per_step(false),
                     k.norm.len() + k.update.len() + 1 - usize::from(one_pass)
                 );
-                let device = if whole {
-                    1
-                } else {
-                    k.dispatches_per_step(false)
-                };
-                assert_eq!(k.dispatches_per_step(true), device);
-                bufs.upload_params_f64(&p).unwrap();
-                bufs.upload_grads_f64(&g).unwrap();
-                if momentum > 0.0 {
-                    bufs.upload_velocity_f64(&v).unwrap();
-                }
+                let apart = k.dispatches_per_step(false);
+                assert_eq!(k.dispatches_per_step(true), if whole { 1 } else { apart });
+                restore();
                 bufs.scalars.write_loss(0.5);
-                let mut enc = ctx.device().create_command_encoder(&Default::default());
-                k.encode_norm(&mut enc, None);
-                bufs.scalars.encode_readback(&mut enc, 0);
-                ctx.queue().submit([enc.finish()]);
-                let s = bufs.scalars.read().unwrap();
+                let s = scalars_after(&|enc| k.encode_norm(enc, None));
                 // The norm's partials group differently per batching: the sum
                 // agrees to rounding. The update, with one step, bit for bit.
                 let exact: f64 = g.iter().map(|x| x * x).sum();
@@ -186,11 +190,7 @@ fn batched_kernels_give_the_bits_of_one_dispatch_per_segment() {
                 assert_eq!(s.verdict, crate::scalars::Verdict::Applied, "{what}");
                 // The norm pass set the loss slot to NaN once it read it: a pass
                 // with no loss written takes NaN, not the last one.
-                let mut enc = ctx.device().create_command_encoder(&Default::default());
-                k.encode_norm(&mut enc, None);
-                bufs.scalars.encode_readback(&mut enc, 0);
-                ctx.queue().submit([enc.finish()]);
-                let again = bufs.scalars.read().unwrap();
+                let again = scalars_after(&|enc| k.encode_norm(enc, None));
                 assert!(
                     again.loss.is_nan() && again.step.is_nan(),
                     "{what}: {again:?}"
@@ -207,21 +207,16 @@ fn batched_kernels_give_the_bits_of_one_dispatch_per_segment() {
                     // pass and the update apart, and the same scalars.
                     let mut outcomes = Vec::new();
                     for apart in [true, false] {
-                        bufs.upload_params_f64(&p).unwrap();
-                        if momentum > 0.0 {
-                            bufs.upload_velocity_f64(&v).unwrap();
-                        }
+                        restore();
                         bufs.scalars.write_loss(0.5);
-                        let mut enc = ctx.device().create_command_encoder(&Default::default());
-                        if apart {
-                            k.encode_norm(&mut enc, None);
-                            k.encode_update(&mut enc, None);
-                        } else {
-                            k.encode_step(&mut enc);
-                        }
-                        bufs.scalars.encode_readback(&mut enc, 0);
-                        ctx.queue().submit([enc.finish()]);
-                        let s = bufs.scalars.read().unwrap();
+                        let s = scalars_after(&|enc| {
+                            if apart {
+                                k.encode_norm(enc, None);
+                                k.encode_update(enc, None);
+                            } else {
+                                k.encode_step(enc);
+                            }
+                        });
                         let v = bufs.download_velocity_f64().unwrap();
                         outcomes.push((s, bufs.download_params_f64().unwrap(), v));
                     }
